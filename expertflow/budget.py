@@ -1,0 +1,207 @@
+"""GPU memory budget: parse sizes, account for every resident byte, derive the expert-cache size.
+
+Torch-free. The accounting (all in bytes, `dtype` weights):
+
+    budget = non-expert weights + KV cache + activation workspace + safety margin + expert cache
+
+* non-expert weights: every parameter that is not a routed expert (embeddings, attention,
+  norms, routers, shared experts, dense MLPs, LM head), counted on transformers' module tree.
+* KV cache: `kv_bytes_per_token x max_context_tokens x max_batch` (what DynamicCache stores).
+* workspace: the largest live activations of one forward at `max_batch x prefill_chunk_tokens`
+  tokens (hidden states, the widest MLP intermediate, attention scores, fp32 logits of the last
+  position) plus a fixed allocator/fragmentation reserve.
+* margin: `margin_fraction` of the budget, for what the estimate misses.
+* expert cache: what remains, in whole experts (`bytes_per_expert`), capped at all experts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+from .errors import BudgetError
+
+_UNITS = {
+    "b": (1, "bytes"),
+    "kb": (10**3, "decimal kB = 10^3 bytes"),
+    "mb": (10**6, "decimal MB = 10^6 bytes"),
+    "gb": (10**9, "decimal GB = 10^9 bytes"),
+    "tb": (10**12, "decimal TB = 10^12 bytes"),
+    "kib": (2**10, "binary KiB = 2^10 bytes"),
+    "mib": (2**20, "binary MiB = 2^20 bytes"),
+    "gib": (2**30, "binary GiB = 2^30 bytes"),
+    "tib": (2**40, "binary TiB = 2^40 bytes"),
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+#: Fixed reserve for the caching allocator's fragmentation and cuBLAS/cuDNN workspaces.
+ALLOCATOR_RESERVE_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class ParsedSize:
+    bytes: int
+    text: str
+    unit_meaning: str
+
+    def describe(self) -> str:
+        return f"{self.text} = {self.bytes:,} bytes ({self.unit_meaning})"
+
+
+def parse_size(text: str | int) -> ParsedSize:
+    """Parse '24GB', '24GiB', '24000MB', '0.5TB' (GB = 10^9 bytes, GiB = 2^30 bytes).
+
+    A bare integer is bytes. Raises `BudgetError` for anything else.
+    """
+    if isinstance(text, bool):
+        raise BudgetError(f"memory size {text!r} is not a size; write e.g. 24GB or 24GiB")
+    if isinstance(text, int):
+        if text <= 0:
+            raise BudgetError(f"memory size {text} must be positive; write e.g. 24GB or 24GiB")
+        return ParsedSize(text, str(text), "bytes")
+    m = _SIZE_RE.match(str(text))
+    unit = m.group(2).lower() if m else ""
+    if unit == "":
+        unit = "b"
+    if not m or unit not in _UNITS:
+        raise BudgetError(
+            f"memory size {text!r} is malformed; write a number and a unit: B, kB, MB, GB, TB "
+            "(powers of 10) or KiB, MiB, GiB, TiB (powers of 2), e.g. 24GB or 22.5GiB"
+        )
+    factor, meaning = _UNITS[unit]
+    value = float(m.group(1)) * factor
+    if value < 1 or not math.isfinite(value):
+        raise BudgetError(f"memory size {text!r} must be at least 1 byte; write e.g. 24GB")
+    return ParsedSize(int(value), str(text).strip(), meaning)
+
+
+def format_bytes(n: int | float) -> str:
+    """Human-readable binary size: 3.46 GiB."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The budget split into its terms; `capacity_experts` is the derived expert-cache size."""
+
+    budget_bytes: int
+    non_expert_bytes: int
+    kv_cache_bytes: int
+    workspace_bytes: int
+    margin_bytes: int
+    expert_cache_bytes: int
+    bytes_per_expert: int
+    capacity_experts: int
+    total_experts: int
+    max_context_tokens: int
+    max_batch: int
+    prefill_chunk_tokens: int = 512
+    margin_fraction: float = 0.05
+    budget_text: str = ""
+
+    @property
+    def fits_all_experts(self) -> bool:
+        return self.capacity_experts >= self.total_experts
+
+    def terms(self) -> list[tuple[str, int]]:
+        """(label, bytes) rows that add up to the budget (the report's stacked bar)."""
+        unused = self.budget_bytes - (self.non_expert_bytes + self.kv_cache_bytes
+                                      + self.workspace_bytes + self.margin_bytes
+                                      + self.capacity_experts * self.bytes_per_expert)
+        return [
+            ("non-expert weights", self.non_expert_bytes),
+            ("KV cache", self.kv_cache_bytes),
+            ("activation workspace", self.workspace_bytes),
+            ("safety margin", self.margin_bytes),
+            ("expert cache", self.capacity_experts * self.bytes_per_expert),
+            ("unused", unused),
+        ]
+
+    def describe(self) -> str:
+        lines = [f"memory budget {format_bytes(self.budget_bytes)} ({self.budget_bytes:,} bytes):"]
+        for label, value in self.terms():
+            lines.append(f"  {label:<22} {format_bytes(value):>12}  ({value:,} bytes)")
+        share = self.capacity_experts / max(1, self.total_experts)
+        lines.append(
+            f"  expert cache capacity  {self.capacity_experts} of {self.total_experts} experts "
+            f"({share:.1%}), {format_bytes(self.bytes_per_expert)} each"
+        )
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def workspace_bytes(spec, *, max_batch: int, prefill_chunk_tokens: int, dtype: str = "bfloat16") -> int:
+    """Peak activation bytes of one forward over `max_batch x prefill_chunk_tokens` tokens."""
+    from .registry import DTYPE_BYTES
+
+    b = DTYPE_BYTES[dtype]
+    t = max_batch * prefill_chunk_tokens
+    h = spec.hidden_size
+    cfg = spec.config
+    widest = max(
+        int(cfg.get("intermediate_size", 0) or 0),
+        int(cfg.get("shared_expert_intermediate_size", 0) or 0),
+        spec.top_k * spec.expert_intermediate_size,
+    )
+    heads = int(cfg.get("num_attention_heads", 1) or 1)
+    # hidden + residual + normed copies, the widest gated MLP intermediate (gate, up, product),
+    # and one layer's attention scores (fp32 softmax) for the chunk against itself.
+    activations = t * (6 * h + 3 * widest) * b + max_batch * heads * prefill_chunk_tokens**2 * 4
+    logits = max_batch * spec.vocab_size * 4 * 2  # fp32 logits of the last position (+ sampling copy)
+    return int(activations + logits + ALLOCATOR_RESERVE_BYTES)
+
+
+def plan_memory(
+    spec,
+    budget: str | int | ParsedSize,
+    *,
+    max_context_tokens: int = 4096,
+    max_batch: int = 1,
+    prefill_chunk_tokens: int = 512,
+    margin_fraction: float = 0.05,
+    dtype: str = "bfloat16",
+) -> MemoryPlan:
+    """Split `budget` into its terms for `spec` and derive the expert-cache capacity.
+
+    Raises `BudgetError` with the numbers when the budget cannot hold the non-expert part.
+    """
+    parsed = budget if isinstance(budget, ParsedSize) else parse_size(budget)
+    if max_context_tokens < 1 or max_batch < 1 or prefill_chunk_tokens < 1:
+        raise BudgetError(
+            f"max_context_tokens={max_context_tokens}, max_batch={max_batch} and "
+            f"prefill_chunk_tokens={prefill_chunk_tokens} must all be >= 1"
+        )
+    if not 0 <= margin_fraction < 0.5:
+        raise BudgetError(f"margin_fraction={margin_fraction} must be in [0, 0.5)")
+    non_expert = spec.non_expert_bytes(dtype)
+    kv = spec.kv_bytes_per_token(dtype) * max_context_tokens * max_batch
+    work = workspace_bytes(spec, max_batch=max_batch,
+                           prefill_chunk_tokens=min(prefill_chunk_tokens, max_context_tokens),
+                           dtype=dtype)
+    margin = int(parsed.bytes * margin_fraction)
+    per_expert = spec.bytes_per_expert(dtype)
+    total_experts = spec.num_moe_layers * spec.num_experts
+    fixed = non_expert + kv + work + margin
+    # At least one expert slot must fit: experts stream through it when nothing else does.
+    needed = fixed + per_expert
+    if parsed.bytes < needed:
+        raise BudgetError(
+            f"budget {parsed.text} ({format_bytes(parsed.bytes)}) cannot hold {spec.name}: it needs at "
+            f"least {format_bytes(needed)} (non-expert weights {format_bytes(non_expert)}, KV cache "
+            f"{format_bytes(kv)} for {max_context_tokens} tokens x batch {max_batch}, workspace "
+            f"{format_bytes(work)}, margin {format_bytes(margin)}, one expert {format_bytes(per_expert)}); "
+            "raise --budget or lower --max-context"
+        )
+    cache_bytes = parsed.bytes - fixed
+    capacity = min(total_experts, cache_bytes // per_expert)
+    return MemoryPlan(parsed.bytes, non_expert, kv, work, margin, cache_bytes, per_expert,
+                      int(capacity), total_experts, max_context_tokens, max_batch,
+                      prefill_chunk_tokens, margin_fraction, parsed.text)

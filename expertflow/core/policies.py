@@ -1,0 +1,156 @@
+"""Eviction policies: which resident expert of a cache partition to drop.
+
+Contract (tests/core/test_policy_contract.py runs it against every registered policy):
+- `scores(layers, experts, now)` returns one finite float per resident (layer, expert); the
+  cache evicts the lowest score among the evictable ones (not protected, not pinned; ties ->
+  the lowest slot). Scores depend only on the `ExpertStats` history, never on wall time,
+  so the runtime and the simulator make identical choices on the same trace.
+- `pinned(layers, experts)` marks experts that must never be evicted (static policy).
+- A policy never mutates the stats; the scheduler records accesses.
+
+Register a new policy with `@register_policy("name")`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import numpy as np
+
+_POLICIES: dict[str, type[EvictionPolicy]] = {}
+
+
+def register_policy(name: str):
+    def deco(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
+        cls.name = name
+        _POLICIES[name] = cls
+        return cls
+
+    return deco
+
+
+def policy_names() -> list[str]:
+    return list(_POLICIES)
+
+
+def make_policy(name: str, stats: ExpertStats, **params) -> EvictionPolicy:
+    try:
+        cls = _POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown eviction policy {name!r}; registered: {', '.join(_POLICIES)}") from None
+    return cls(stats, **params)
+
+
+class ExpertStats:
+    """Access history of every (MoE layer, expert): what the policies score.
+
+    `now` counts scheduler steps (one per layer visit); `last_access` is -1 for never.
+    `prior` is the profiled activation frequency per layer (rows sum to 1; uniform if unknown).
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, prior: np.ndarray | None = None,
+                 decay: float = 0.95):
+        shape = (num_layers, num_experts)
+        self.last_access = np.full(shape, -1, dtype=np.int64)
+        self.count = np.zeros(shape, dtype=np.int64)
+        self.ema = np.zeros(shape, dtype=np.float64)  # decayed access frequency
+        self.predicted = np.zeros(shape, dtype=bool)  # the predictor expects it soon
+        self.decay = float(decay)
+        if prior is None:
+            prior = np.full(shape, 1.0 / num_experts)
+        prior = np.asarray(prior, dtype=np.float64)
+        if prior.shape != shape:
+            raise ValueError(f"prior must be [{num_layers}, {num_experts}], got {prior.shape}")
+        sums = prior.sum(axis=1, keepdims=True)
+        self.prior = np.divide(prior, sums, out=np.full(shape, 1.0 / num_experts), where=sums > 0)
+        self._prior_norm = self.prior / np.maximum(self.prior.max(axis=1, keepdims=True), 1e-12)
+
+    def record_access(self, layer: int, experts: np.ndarray, now: int) -> None:
+        self.last_access[layer, experts] = now
+        self.count[layer, experts] += 1
+        self.ema[layer] *= self.decay
+        self.ema[layer, experts] += 1.0 - self.decay
+        self.predicted[layer, experts] = False
+
+
+class EvictionPolicy(ABC):
+    name: ClassVar[str] = "abstract"
+
+    def __init__(self, stats: ExpertStats, **params):
+        self.stats = stats
+
+    @abstractmethod
+    def scores(self, layers: np.ndarray, experts: np.ndarray, now: int) -> np.ndarray:
+        """Keep-worthiness of each resident (layers[i], experts[i]); lowest is evicted first."""
+
+    def pinned(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        return np.zeros(len(layers), dtype=bool)
+
+
+@register_policy("lru")
+class LRUPolicy(EvictionPolicy):
+    """Least recently used (mixtral-offloading, MoE-Infinity's baseline)."""
+
+    def scores(self, layers, experts, now):
+        return self.stats.last_access[layers, experts].astype(np.float64)
+
+
+@register_policy("lfu")
+class LFUPolicy(EvictionPolicy):
+    """Least frequently used over the whole run; ties go to the least recently used."""
+
+    def scores(self, layers, experts, now):
+        s = self.stats
+        recency = (s.last_access[layers, experts] + 1) / float(now + 2)  # in [0, 1)
+        return s.count[layers, experts] + recency
+
+
+@register_policy("static")
+class StaticPolicy(EvictionPolicy):
+    """Pin the profile's hottest experts; the remaining slots are an LRU scratch area.
+
+    The scheduler decides the pinned set (it knows the partition capacities) and passes it as
+    `pinned_mask` [L, E].
+    """
+
+    def __init__(self, stats: ExpertStats, pinned_mask: np.ndarray | None = None, **params):
+        super().__init__(stats)
+        self.pinned_mask = (np.zeros_like(stats.predicted) if pinned_mask is None
+                            else np.asarray(pinned_mask, dtype=bool))
+
+    def scores(self, layers, experts, now):
+        return self.stats.last_access[layers, experts].astype(np.float64)
+
+    def pinned(self, layers, experts):
+        return self.pinned_mask[layers, experts]
+
+
+@register_policy("expertflow")
+class ExpertFlowPolicy(EvictionPolicy):
+    """Frequency (profiled prior + decayed observed) blended with recency, plus a bonus for
+    experts the predictor expects in the next layers.
+
+        score = f * (prior/max_prior + ema/max_ema) / 2 + (1 - f) * decay^age + bonus * predicted
+
+    f = `freq_weight`; age in scheduler steps since the last access, scaled by the number of
+    layers (one token's worth of steps). Normalising per layer makes scores comparable across
+    layers in a pooled cache.
+    """
+
+    def __init__(self, stats: ExpertStats, freq_weight: float = 0.5, prediction_bonus: float = 1.0,
+                 steps_per_token: int = 1, **params):
+        super().__init__(stats)
+        self.freq_weight = float(freq_weight)
+        self.prediction_bonus = float(prediction_bonus)
+        self.steps_per_token = max(1, int(steps_per_token))
+
+    def scores(self, layers, experts, now):
+        s = self.stats
+        ema_max = np.maximum(s.ema.max(axis=1), 1e-12)[layers]
+        freq = 0.5 * (s._prior_norm[layers, experts] + s.ema[layers, experts] / ema_max)
+        last = s.last_access[layers, experts]
+        age = np.where(last >= 0, (now - last) / self.steps_per_token, 1e9)
+        recency = np.power(s.decay, np.minimum(age, 1e4))
+        f = self.freq_weight
+        return f * freq + (1.0 - f) * recency + self.prediction_bonus * s.predicted[layers, experts]

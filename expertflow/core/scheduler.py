@@ -1,0 +1,409 @@
+"""The scheduler's decisions, shared by the runtime and the simulator.
+
+For every MoE layer visit the caller (runtime or simulator) hands over the router's top-k ids
+and weights and, when prefetch is on, the predictor's top experts for the next layers. The
+scheduler answers with what to do: which experts each token keeps (adaptive-k), which experts
+are resident (hits), which to load into which slot and what that evicts (in waves when a layer
+needs more experts than its partition holds), and what to prefetch. It keeps the counters.
+
+It never touches a tensor or a clock: the runtime executes the loads with real copies and
+kernels, the simulator charges their costs from the profile. Same trace + same config =>
+same decisions, exactly.
+
+Shape legend: L = MoE layers (indexed 0..L-1 in model order), E = experts per layer,
+T = tokens in the step, k = router top-k, D = prefetch lookahead distances.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import adaptive_k as _ak
+from .counters import Counters
+from .policies import ExpertStats, make_policy
+
+
+@dataclass(frozen=True)
+class Load:
+    """Copy expert `expert` of MoE layer `layer` into GPU slot `slot`, evicting `evicted`."""
+
+    layer: int
+    expert: int
+    slot: int
+    evicted: tuple[int, int] | None
+    prefetch: bool = False
+    distance: int = 0  # prefetch lookahead distance (0 = demand load)
+
+
+@dataclass
+class Wave:
+    """Experts computed together; all are resident (or being loaded by `loads`) at once."""
+
+    experts: list[int]
+    slots: list[int]
+    loads: list[Load]
+
+
+@dataclass
+class Route:
+    layer: int
+    keep: np.ndarray  # [T, k] bool
+    weights: np.ndarray  # [T, k] float32, dropped experts 0 (and kept ones renormalised if set)
+    needed: list[int]  # unique kept experts, ascending ids
+    hits: int
+    misses: int
+    waves: list[Wave] = field(default_factory=list)
+
+    @property
+    def loads(self) -> list[Load]:
+        return [ld for w in self.waves for ld in w.loads]
+
+
+@dataclass(frozen=True)
+class SchedulerParams:
+    """Plain-value view of the RuntimeConfig fields the scheduler uses (torch- and pydantic-free)."""
+
+    num_layers: int
+    num_experts: int
+    top_k: int
+    capacity: int
+    scope: str = "per_layer"  # per_layer | pooled
+    allocation: str = "uniform"  # uniform | demand
+    per_layer_capacity: tuple[int, ...] | None = None
+    policy: str = "lru"
+    warm_start: bool = True
+    priors: tuple[tuple[float, ...], ...] | None = None
+    freq_weight: float = 0.5
+    decay: float = 0.95
+    prediction_bonus: float = 1.0
+    threshold: float = 1.0
+    min_k: int = 1
+    renormalize: bool = False
+    prefetch_depth: int = 1
+    prefetch_adaptive: bool = False
+    prefetch_width: int = 0
+    min_precision: float = 0.3
+    bandwidth_gbps: float | None = None
+    layer_time_ms: float | None = None
+    bytes_per_expert: int = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> SchedulerParams:
+        c, p, a = cfg.cache, cfg.prefetch, cfg.adaptive_k
+        return cls(
+            num_layers=cfg.model.num_moe_layers, num_experts=cfg.model.num_experts,
+            top_k=cfg.model.top_k, capacity=c.capacity_experts, scope=c.scope,
+            allocation=c.allocation,
+            per_layer_capacity=tuple(c.per_layer_capacity) if c.per_layer_capacity else None,
+            policy=c.policy, warm_start=c.warm_start,
+            priors=tuple(tuple(r) for r in c.priors) if c.priors is not None else None,
+            freq_weight=c.expertflow.freq_weight, decay=c.expertflow.decay,
+            prediction_bonus=c.expertflow.prediction_bonus,
+            threshold=a.threshold, min_k=a.min_k, renormalize=a.renormalize,
+            prefetch_depth=p.depth, prefetch_adaptive=p.adaptive, prefetch_width=p.width,
+            min_precision=p.min_precision, bandwidth_gbps=p.bandwidth_gbps,
+            layer_time_ms=p.layer_time_ms, bytes_per_expert=cfg.memory.bytes_per_expert,
+        )
+
+
+def allocate_capacity(params: SchedulerParams) -> list[int]:
+    """Slots per MoE layer for scope per_layer.
+
+    uniform: equal shares (the remainder to the first layers). demand: greedy water-filling on
+    the profiled frequencies: each next slot goes to the layer whose next-hottest uncached expert
+    carries the most traffic; this maximises the static hit rate sum_l sum_{i<c_l} p_l[i]
+    (AdapMoE allocates slots per layer by a DP on the same objective). Every layer keeps >= 1.
+    """
+    L, E = params.num_layers, params.num_experts
+    if params.per_layer_capacity is not None:
+        return list(params.per_layer_capacity)
+    cap = min(params.capacity, L * E)
+    if cap < L:
+        raise ValueError(f"capacity {cap} < {L} layers: per_layer scope needs >= 1 slot per layer")
+    if params.allocation == "uniform" or params.priors is None:
+        base, extra = divmod(cap, L)
+        return [min(E, base + (1 if i < extra else 0)) for i in range(L)]
+    prior = np.asarray(params.priors, dtype=np.float64)
+    prior = prior / np.maximum(prior.sum(axis=1, keepdims=True), 1e-12)
+    ranked = -np.sort(-prior, axis=1)  # [L, E] descending
+    alloc = [1] * L
+    heap = [(-ranked[i, 1], i) for i in range(L) if E > 1]
+    heapq.heapify(heap)
+    for _ in range(cap - L):
+        if not heap:
+            break
+        _, i = heapq.heappop(heap)
+        alloc[i] += 1
+        if alloc[i] < E:
+            heapq.heappush(heap, (-ranked[i, alloc[i]], i))
+    return alloc
+
+
+class _Partition:
+    """A set of GPU slots with one eviction policy (one layer's, or the shared pool)."""
+
+    def __init__(self, slots: list[int]):
+        self.slots = np.asarray(slots, dtype=np.int64)
+        n = len(slots)
+        self.layer = np.full(n, -1, dtype=np.int64)  # occupant per local slot (-1 = free)
+        self.expert = np.full(n, -1, dtype=np.int64)
+        self.local_of = {int(s): i for i, s in enumerate(slots)}
+
+    @property
+    def capacity(self) -> int:
+        return len(self.slots)
+
+
+class Scheduler:
+    """Adaptive-k, expert cache (slots + eviction) and prefetch planning; see module docstring."""
+
+    def __init__(self, params: SchedulerParams):
+        self.p = params
+        L, E = params.num_layers, params.num_experts
+        if params.top_k > E:
+            raise ValueError(f"top_k {params.top_k} > num_experts {E}")
+        prior = np.asarray(params.priors, dtype=np.float64) if params.priors is not None else None
+        self.stats = ExpertStats(L, E, prior, params.decay)
+        self.counters = Counters(L, max(1, params.prefetch_depth))
+        self.now = 0
+        self.slot_of = np.full((L, E), -1, dtype=np.int64)  # resident slot of each expert
+        # Build partitions: global slot ids are contiguous per partition.
+        if params.scope == "pooled":
+            cap = min(params.capacity, L * E)
+            self.partitions = [_Partition(list(range(cap)))]
+            self.partition_of_layer = [0] * L
+            self.layer_capacity = [cap] * L
+        elif params.scope == "per_layer":
+            alloc = allocate_capacity(params)
+            self.partitions, self.partition_of_layer, start = [], [], 0
+            for i, c in enumerate(alloc):
+                self.partitions.append(_Partition(list(range(start, start + c))))
+                self.partition_of_layer.append(i)
+                start += c
+            self.layer_capacity = alloc
+        else:
+            raise ValueError(f"unknown cache scope {params.scope!r}")
+        self.num_slots = sum(p.capacity for p in self.partitions)
+        self.slot_part = np.empty(self.num_slots, dtype=np.int64)
+        for pi, part in enumerate(self.partitions):
+            self.slot_part[part.slots] = pi
+        # Prefetch bookkeeping: an unused prefetched expert remembers its lookahead distance.
+        self.prefetched = np.zeros((L, E), dtype=np.int64)  # 0 = not an unused prefetch
+        self.precision = np.ones(max(1, params.prefetch_depth) + 1)  # EMA per distance, optimistic
+        self.needed_ema = float(params.top_k)
+        pinned = self._pinned_mask() if params.policy == "static" else None
+        self.policy = make_policy(params.policy, self.stats, freq_weight=params.freq_weight,
+                                  prediction_bonus=params.prediction_bonus, pinned_mask=pinned,
+                                  steps_per_token=L)
+
+    # ---- setup ----------------------------------------------------------------------------
+    def _hottest(self) -> list[list[int]]:
+        """Experts per layer in descending prior order (ties: lower id first)."""
+        prior = self.stats.prior
+        return [list(np.lexsort((np.arange(prior.shape[1]), -prior[i]))) for i in range(prior.shape[0])]
+
+    def _pinned_mask(self) -> np.ndarray:
+        """static: pin the hottest experts, keeping top_k scratch slots per partition (or 1)."""
+        L, E = self.p.num_layers, self.p.num_experts
+        mask = np.zeros((L, E), dtype=bool)
+        hottest = self._hottest()
+        k = self.p.top_k
+        for pi, part in enumerate(self.partitions):
+            scratch = k if part.capacity > k else 1
+            n_pin = max(0, part.capacity - scratch)
+            layers = [i for i in range(L) if self.partition_of_layer[i] == pi]
+            if len(layers) == 1:
+                for e in hottest[layers[0]][:n_pin]:
+                    mask[layers[0], e] = True
+            else:  # pooled: the globally hottest by prior share
+                order = np.argsort(-self.stats.prior, axis=None, kind="stable")[:n_pin]
+                mask.flat[order] = True
+        return mask
+
+    def warm_start_loads(self) -> list[Load]:
+        """Loads that fill the cache with the hottest experts before the first token.
+
+        Without priors nothing is loaded (a cold cache). Not counted as misses or prefetches.
+        """
+        if not self.p.warm_start or self.p.priors is None:
+            return []
+        loads: list[Load] = []
+        hottest = self._hottest()
+        for pi, part in enumerate(self.partitions):
+            layers = [i for i in range(self.p.num_layers) if self.partition_of_layer[i] == pi]
+            if len(layers) == 1:
+                keys = [(layers[0], int(e)) for e in hottest[layers[0]][:part.capacity]]
+            else:
+                order = np.argsort(-self.stats.prior, axis=None, kind="stable")[:part.capacity]
+                keys = [(int(o) // self.p.num_experts, int(o) % self.p.num_experts) for o in order]
+            for layer, e in keys:
+                loads.append(self._admit(layer, e, protected=set(), prefetch=False, distance=0))
+        return [ld for ld in loads if ld is not None]
+
+    # ---- the cache ------------------------------------------------------------------------
+    def _admit(self, layer: int, expert: int, protected: set[int], prefetch: bool,
+               distance: int) -> Load | None:
+        """Give (layer, expert) a slot in its partition; None if every slot is protected/pinned."""
+        part = self.partitions[self.partition_of_layer[layer]]
+        free = np.flatnonzero(part.layer < 0)
+        evicted = None
+        if len(free):
+            local = int(free[0])
+        else:
+            scores = self.policy.scores(part.layer, part.expert, self.now).astype(np.float64)
+            blocked = self.policy.pinned(part.layer, part.expert)
+            if protected:
+                blocked = blocked | np.isin(part.slots, list(protected))
+            scores = np.where(blocked, np.inf, scores)
+            local = int(np.argmin(scores))
+            if not np.isfinite(scores[local]):
+                return None
+            ev_l, ev_e = int(part.layer[local]), int(part.expert[local])
+            evicted = (ev_l, ev_e)
+            self.slot_of[ev_l, ev_e] = -1
+            c = self.counters
+            c.evictions[ev_l] += 1
+            if self.prefetched[ev_l, ev_e]:
+                c.prefetch_wasted[ev_l] += 1
+                self._precision_update(int(self.prefetched[ev_l, ev_e]), used=False)
+                self.prefetched[ev_l, ev_e] = 0
+        slot = int(part.slots[local])
+        part.layer[local], part.expert[local] = layer, expert
+        self.slot_of[layer, expert] = slot
+        if prefetch:
+            self.prefetched[layer, expert] = distance
+        # An admitted expert counts as just touched, so a wave's later loads never evict it.
+        self.stats.last_access[layer, expert] = max(self.stats.last_access[layer, expert], self.now)
+        return Load(layer, expert, slot, evicted, prefetch, distance)
+
+    def _precision_update(self, distance: int, used: bool) -> None:
+        if 0 < distance < len(self.precision):
+            self.precision[distance] = 0.9 * self.precision[distance] + 0.1 * float(used)
+
+    def route(self, layer: int, ids: np.ndarray, weights: np.ndarray) -> Route:
+        """Decide one MoE layer visit. ids/weights: the router's top-k, [T, k]."""
+        self.now += 1
+        ids = np.asarray(ids, dtype=np.int64)
+        p, c = self.p, self.counters
+        keep, new_w = _ak.apply(weights, p.threshold, p.min_k, p.renormalize)
+        needed = np.unique(ids[keep])
+        c.steps[layer] += 1
+        c.tokens[layer] += ids.shape[0]
+        c.activated[layer] += int(keep.sum())
+        c.unique_needed[layer] += len(needed)
+        c.dropped_mass[layer] += float(_ak.dropped_mass(weights, keep).sum())
+        resident = self.slot_of[layer, needed] >= 0
+        hits = [int(e) for e in needed[resident]]
+        misses = [int(e) for e in needed[~resident]]
+        c.hits[layer] += len(hits)
+        c.misses[layer] += len(misses)
+        for e in hits:
+            if self.prefetched[layer, e]:
+                c.prefetch_used[layer] += 1
+                self._precision_update(int(self.prefetched[layer, e]), used=True)
+                self.prefetched[layer, e] = 0
+        self.stats.record_access(layer, needed, self.now)
+        self.needed_ema = 0.9 * self.needed_ema + 0.1 * len(needed)
+        # Waves: the first holds every hit plus the misses that fit; the rest stream through the
+        # slots that are neither pinned (static) nor in use by the wave.
+        cap = self.layer_capacity[layer]
+        n_pinned, n_pinned_needed = self._pinned_count(layer, needed)
+        first_n = max(0, min(len(misses), cap - (n_pinned - n_pinned_needed) - len(hits)))
+        groups = [hits + misses[:first_n]]
+        rest = misses[first_n:]
+        stream = max(1, cap - n_pinned)
+        for i in range(0, len(rest), stream):
+            groups.append(rest[i:i + stream])
+        waves: list[Wave] = []
+        for group in groups:
+            protected = {int(self.slot_of[layer, e]) for e in group if self.slot_of[layer, e] >= 0}
+            loads = []
+            for e in group:
+                if self.slot_of[layer, e] >= 0:
+                    continue
+                ld = self._admit(layer, e, protected, prefetch=False, distance=0)
+                if ld is None:  # cannot happen: a group never exceeds the partition
+                    raise RuntimeError(f"no evictable slot for layer {layer} expert {e}")
+                protected.add(ld.slot)
+                loads.append(ld)
+                c.demand_loads[layer] += 1
+            waves.append(Wave(list(group), [int(self.slot_of[layer, e]) for e in group], loads))
+        return Route(layer, keep, new_w, [int(e) for e in needed], len(hits), len(misses), waves)
+
+    def _pinned_count(self, layer: int, needed: np.ndarray) -> tuple[int, int]:
+        """(pinned experts resident in `layer`'s partition, how many of them this visit needs)."""
+        part = self.partitions[self.partition_of_layer[layer]]
+        occupied = part.layer >= 0
+        if not occupied.any():
+            return 0, 0
+        pinned = np.zeros(part.capacity, dtype=bool)
+        pinned[occupied] = self.policy.pinned(part.layer[occupied], part.expert[occupied])
+        mine = (part.layer == layer) & np.isin(part.expert, needed)
+        return int(pinned.sum()), int((pinned & mine).sum())
+
+    # ---- prefetch -------------------------------------------------------------------------
+    def effective_depth(self) -> int:
+        """Lookahead for the next prefetch: fixed, or adaptive (Shen et al., 2510.26730):
+
+            S = ceil(experts needed per layer x bytes per expert / (bandwidth x layer time))
+
+        capped at `prefetch.depth`, then lowered while the precision of the deepest distance
+        (EMA of used / issued) is below `min_precision`.
+        """
+        p = self.p
+        d = p.prefetch_depth
+        if d <= 0 or not p.prefetch_adaptive:
+            return d
+        if p.bandwidth_gbps and p.layer_time_ms and p.bytes_per_expert:
+            copy_ms = self.needed_ema * p.bytes_per_expert / (p.bandwidth_gbps * 1e6)
+            d = max(1, min(d, math.ceil(copy_ms / p.layer_time_ms)))
+        while d > 1 and self.precision[d] < p.min_precision:
+            d -= 1
+        return d
+
+    def prefetch(self, layer: int, predictions: np.ndarray | None,
+                 current: Route | None = None) -> list[Load]:
+        """Plan prefetches after visiting `layer`.
+
+        predictions: [D, T, w] predicted expert ids for layers layer+1..layer+D (-1 = none),
+        in the predictor's rank order per token.
+        """
+        p = self.p
+        depth = self.effective_depth()
+        if depth <= 0 or predictions is None:
+            return []
+        preds = np.asarray(predictions, dtype=np.int64)
+        width = p.prefetch_width or p.top_k
+        loads: list[Load] = []
+        c = self.counters
+        for dist in range(1, min(depth, preds.shape[0]) + 1):
+            target = layer + dist
+            if target >= p.num_layers:
+                break
+            cand = preds[dist - 1, :, :width]
+            cand = cand[cand >= 0]
+            if cand.size == 0:
+                continue
+            # Rank by how many tokens predict the expert, then by first appearance.
+            uniq, first, counts = np.unique(cand, return_index=True, return_counts=True)
+            order = np.lexsort((first, -counts))
+            ranked = [int(e) for e in uniq[order]]
+            self.stats.predicted[target, ranked] = True
+            protected = {int(self.slot_of[target, e]) for e in ranked if self.slot_of[target, e] >= 0}
+            if current is not None and self.partition_of_layer[current.layer] == self.partition_of_layer[target]:
+                protected |= {int(self.slot_of[current.layer, e]) for e in current.needed
+                              if self.slot_of[current.layer, e] >= 0}
+            for e in ranked:
+                if self.slot_of[target, e] >= 0:
+                    continue
+                ld = self._admit(target, e, protected, prefetch=True, distance=dist)
+                if ld is None:
+                    break
+                protected.add(ld.slot)
+                loads.append(ld)
+                c.prefetch_issued[target] += 1
+        return loads

@@ -1,0 +1,419 @@
+"""Attach the built-in scheduler to a transformers MoE model (and detach it again).
+
+How it hooks in, per model instance (no process-wide patching):
+* an experts backend named "expertflow" is registered in transformers' `ExpertsInterface`
+  (a registry made for this) and selected with `model.set_experts_implementation`, so every
+  fused `*Experts` module of *this* model calls `_experts_forward` with the router's
+  (hidden_states, top_k_index, top_k_weights); other models keep their own backend;
+* each experts module is tagged with its MoE-layer index; its `gate_up_proj`/`down_proj` leave
+  the parameter tree for a host store (pinned memory on CUDA) and a GPU slot pool holds the
+  cached experts;
+* `detach()` puts the parameters back (same values, device, dtype) and restores the backend.
+
+Per MoE layer visit, `_layer_forward`:
+ 1. applies the next layers' gates to the current hidden state (predictor, on the device);
+ 2. reads ids, weights and predictions to the host in ONE transfer (the only sync);
+ 3. asks the torch-free `Scheduler` for the decisions (adaptive-k, hits, loads, evictions);
+ 4. issues demand loads on the copy stream; the compute stream waits only on the events of the
+    slots it needs, then runs transformers' own experts kernel over the slot pool
+    (expert ids remapped to slots), wave by wave when a layer needs more experts than it has slots;
+ 5. issues the planned prefetches on the copy stream, which overlap the next layers' compute.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import RuntimeConfig
+from ..core import Route, Scheduler, SchedulerParams
+from ..core.counters import Counters
+from ..errors import DeviceError, ModelError
+from ..trace import DECODE, PREFILL, RoutingTrace, TraceRecorder
+from .adapters import MoEBlock, find_moe_blocks
+
+log = logging.getLogger(__name__)
+
+BACKEND_NAME = "expertflow"
+TRACE_LOOKAHEAD = 4  # lookahead distances recorded in traces (the simulator's max prefetch depth)
+BATCHED_MM_MAX_PAIRS = 64  # token-expert pairs up to which "auto" uses batched_mm (decode)
+
+
+def _experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The "expertflow" experts backend: hands the layer to the handle that owns the module."""
+    tag = getattr(self, "_expertflow", None)
+    if tag is None:
+        raise RuntimeError("experts_implementation 'expertflow' is set on a module ExpertFlow does "
+                           "not manage; attach with expertflow.offload(model, config)")
+    handle, moe_index = tag
+    return handle._layer_forward(moe_index, hidden_states, top_k_index, top_k_weights)
+
+
+def register_backend() -> None:
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(BACKEND_NAME, _experts_forward)
+
+
+class _PoolView:
+    """Duck-typed stand-in for an `*Experts` module whose experts are the GPU slots, so that
+    transformers' own kernels (batched_mm / grouped_mm / eager) run over the slot pool."""
+
+    def __init__(self, experts: nn.Module, gate_up: torch.Tensor, down: torch.Tensor):
+        self.gate_up_proj = gate_up
+        self.down_proj = down
+        self.num_experts = gate_up.shape[0]
+        self.config = experts.config
+        self.act_fn = experts.act_fn
+        self._apply_gate = experts._apply_gate  # bound to the real module
+        self.has_gate = True
+        self.has_bias = False
+        self.has_post_expert_norm = getattr(experts, "has_post_expert_norm", False)
+        self.is_transposed = getattr(experts, "is_transposed", False)
+        self.is_concatenated = getattr(experts, "is_concatenated", True)
+        self._is_expert_parallel = False
+
+
+@dataclass
+class _Saved:
+    block: MoEBlock
+    device: torch.device
+    requires_grad: bool
+
+
+class OffloadHandle(AbstractContextManager):
+    """The attached scheduler of one model. Use as a context manager or call `detach()`.
+
+    `.stats` gives the counters (per layer and total) as a dict; `.stats_json()` as JSON;
+    `.trace()` the recorded routing trace when `record_trace` is on.
+    """
+
+    def __init__(self, model: nn.Module, config: RuntimeConfig, *, device: str | torch.device | None = None,
+                 record_trace: bool | None = None, trace_meta: dict | None = None):
+        self.model = model
+        self.config = config
+        self.blocks = find_moe_blocks(model)
+        self._check_model(config)
+        self.device = torch.device(device or config.runtime.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise DeviceError(f"config runtime.device is {config.runtime.device!r} but no CUDA GPU is "
+                              "available; pass device='cpu' or run on a GPU machine")
+        self.cuda = self.device.type == "cuda"
+        self.L = len(self.blocks)
+        self.E = int(self.blocks[0].experts.num_experts)
+        self.k = config.model.top_k
+        self.params = SchedulerParams.from_config(config)
+        self.sched = Scheduler(self.params)
+        self.counters: Counters = self.sched.counters
+        self.bytes_moved = np.zeros(self.L, dtype=np.int64)
+        self.steps = 0
+        self.tokens_generated = 0
+        self._stall_events: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
+        record = config.runtime.record_trace if record_trace is None else record_trace
+        self.lookahead = max(config.prefetch.depth, TRACE_LOOKAHEAD if record else 0)
+        self.recorder = (TraceRecorder(self.L, self.E, self.k, TRACE_LOOKAHEAD,
+                                       {"routing": "real", "fingerprint": config.model.fingerprint,
+                                        **(trace_meta or {})}) if record else None)
+        self._seq_base = 0
+        self._last_batch = 0
+        self._attached = False
+        self._attach()
+
+    # ---- attach / detach ------------------------------------------------------------------
+    def _check_model(self, config: RuntimeConfig) -> None:
+        b0 = self.blocks[0]
+        E = int(b0.experts.num_experts)
+        top_k = int(getattr(b0.router, "top_k", config.model.top_k))
+        want = (config.model.num_moe_layers, config.model.num_experts, config.model.top_k)
+        got = (len(self.blocks), E, top_k)
+        if want != got:
+            raise ModelError(
+                f"config was made for {config.model.name!r} ({want[0]} MoE layers, {want[1]} experts, "
+                f"top-{want[2]}) but this model has {got[0]} MoE layers, {got[1]} experts, top-{got[2]}; "
+                "tune a config for this model with ef-tune")
+
+    def _attach(self) -> None:
+        register_backend()
+        model, cfg = self.model, self.config
+        first = self.blocks[0].experts
+        self.dtype = first.gate_up_proj.dtype
+        self.gate_up_shape = tuple(first.gate_up_proj.shape[1:])
+        self.down_shape = tuple(first.down_proj.shape[1:])
+        pin = self.cuda and cfg.runtime.pin_memory
+        self.host_gate_up: list[torch.Tensor] = []
+        self.host_down: list[torch.Tensor] = []
+        self._saved: list[_Saved] = []
+        for b in self.blocks:
+            ex = b.experts
+            gu, dn = ex.gate_up_proj, ex.down_proj
+            self._saved.append(_Saved(b, gu.device, gu.requires_grad))
+            self.host_gate_up.append(self._to_host(gu.detach(), pin))
+            self.host_down.append(self._to_host(dn.detach(), pin))
+            del ex._parameters["gate_up_proj"], ex._parameters["down_proj"]
+            ex._expertflow = (self, b.moe_index)
+        # Everything that is not a routed expert lives on the device.
+        model.to(self.device)
+        self.expert_bytes = (int(np.prod(self.gate_up_shape)) + int(np.prod(self.down_shape))) * \
+            torch.finfo(self.dtype).bits // 8
+        S = self.sched.num_slots
+        self.pool_gate_up = torch.empty((S, *self.gate_up_shape), dtype=self.dtype, device=self.device)
+        self.pool_down = torch.empty((S, *self.down_shape), dtype=self.dtype, device=self.device)
+        self.views = [_PoolView(b.experts, self.pool_gate_up, self.pool_down) for b in self.blocks]
+        # Predictor: every MoE layer's gate, stacked, to score the next layers' experts.
+        self.pred_weight = torch.stack([b.router.weight.detach().to(self.device, self.dtype)
+                                        for b in self.blocks])  # [L, E, H]
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(device=self.device)
+            self.slot_ready = [torch.cuda.Event() for _ in range(S)]
+            self.slot_free: list[torch.cuda.Event | None] = [None] * S
+            self.pending: set[int] = set()
+        self._prev_impl = model.get_experts_implementation() if hasattr(model, "get_experts_implementation") \
+            else {"": model.config._experts_implementation}
+        self._kernel_default = self._prev_impl.get("") or "grouped_mm"
+        model.set_experts_implementation(BACKEND_NAME)
+        self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+                       model.register_forward_hook(self._post_forward)]
+        # Warm start: fill the slots with the profile's hottest experts.
+        for ld in self.sched.warm_start_loads():
+            self.pool_gate_up[ld.slot].copy_(self.host_gate_up[ld.layer][ld.expert])
+            self.pool_down[ld.slot].copy_(self.host_down[ld.layer][ld.expert])
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self._attached = True
+        log.info("expertflow attached: %d MoE layers x %d experts, %d GPU slots (%s, %s), prefetch depth %d",
+                 self.L, self.E, S, cfg.cache.scope, cfg.cache.policy, cfg.prefetch.depth)
+
+    def _to_host(self, t: torch.Tensor, pin: bool) -> torch.Tensor:
+        if t.device.type == "cpu":
+            if pin and not t.is_pinned():
+                return t.pin_memory()
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+        host.copy_(t)
+        return host
+
+    def detach(self) -> None:
+        """Restore the model exactly: expert parameters back in the tree, original backend."""
+        if not self._attached:
+            return
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        for h in self._hooks:
+            h.remove()
+        for saved, gu, dn in zip(self._saved, self.host_gate_up, self.host_down):
+            ex = saved.block.experts
+            ex.gate_up_proj = nn.Parameter(gu.to(saved.device), requires_grad=saved.requires_grad)
+            ex.down_proj = nn.Parameter(dn.to(saved.device), requires_grad=saved.requires_grad)
+            del ex._expertflow
+        self.model.set_experts_implementation(self._prev_impl if len(self._prev_impl) > 1
+                                              else self._prev_impl.get("") or "grouped_mm")
+        self.pool_gate_up = self.pool_down = None
+        self.views = []
+        self._attached = False
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # ---- step bookkeeping (model forward hooks) --------------------------------------------
+    def _pre_forward(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else emb
+        if ref is None:
+            return None
+        b, s = int(ref.shape[0]), int(ref.shape[1])
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        if past == 0:
+            self._seq_base += self._last_batch
+            self._last_batch = b
+        kind = PREFILL if past == 0 or s > 1 else DECODE
+        self._step_kind = kind
+        self._step_tokens = b * s
+        if self.recorder is not None:
+            seq = np.repeat(np.arange(b) + self._seq_base, s)
+            pos = np.tile(np.arange(past, past + s), b)
+            self.recorder.begin_step(seq, pos, kind)
+        return None
+
+    def _post_forward(self, module, args, output):
+        self.steps += 1
+        if getattr(self, "_step_kind", PREFILL) == DECODE:
+            self.tokens_generated += self._step_tokens
+        if self.recorder is not None:
+            self.recorder.end_step()
+        return None
+
+    # ---- the hot path ------------------------------------------------------------------------
+    def _layer_forward(self, m: int, h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        T, k = ids.shape
+        D = min(self.lookahead, self.L - 1 - m)
+        parts = [ids.reshape(-1).to(torch.float32), w.reshape(-1).to(torch.float32)]
+        if D > 0:
+            W = self.pred_weight[m + 1:m + 1 + D]  # [D, E, H]
+            logits = torch.matmul(h.to(W.dtype).unsqueeze(0), W.transpose(1, 2))  # [D, T, E]
+            parts.append(logits.topk(k, dim=-1).indices.reshape(-1).to(torch.float32))  # [D, T, k]
+        host = torch.cat(parts).cpu().numpy()  # the one device->host sync of this layer
+        ids_np = host[:T * k].astype(np.int64).reshape(T, k)
+        w_np = host[T * k:2 * T * k].reshape(T, k)
+        pred_np = host[2 * T * k:].astype(np.int64).reshape(D, T, k) if D > 0 else None
+        if self.recorder is not None:
+            self.recorder.add_layer(m, ids_np, w_np, pred_np)
+        route = self.sched.route(m, ids_np, w_np)
+        out = self._compute(m, route, h, ids_np, w)
+        if pred_np is not None and self.params.prefetch_depth > 0:
+            self._issue(self.sched.prefetch(m, pred_np[:self.params.prefetch_depth], route))
+        return out
+
+    def _compute(self, m: int, route: Route, h: torch.Tensor, ids_np: np.ndarray,
+                 w: torch.Tensor) -> torch.Tensor:
+        view = self.views[m]
+        kernel = self._kernel(ids_np.size)
+        unchanged_w = self.params.threshold >= 1.0 and len(route.waves) == 1
+        out = None
+        for wave in route.waves:
+            self._issue(wave.loads)
+            self._wait(m, wave.slots)
+            fallback = wave.slots[0]
+            lut = np.full(self.E, fallback, dtype=np.int64)
+            lut[wave.experts] = wave.slots
+            member = np.zeros(self.E, dtype=bool)
+            member[wave.experts] = True
+            in_wave = route.keep & member[ids_np]  # [T, k]: kept pairs computed in this wave
+            slots = np.where(in_wave, lut[ids_np], fallback)  # others: weight 0, any valid slot
+            slot_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
+            if unchanged_w:
+                w_t = w
+            else:
+                w_t = torch.from_numpy(np.where(in_wave, route.weights, 0).astype(np.float32)).to(
+                    self.device, dtype=w.dtype, non_blocking=True)
+            part = kernel(view, h, slot_t, w_t)
+            out = part if out is None else out + part
+            self._release(wave.slots)
+        return out
+
+    def _kernel(self, pairs: int):
+        from transformers.integrations import moe as tmoe
+
+        name = self.config.runtime.experts_kernel
+        if name == "auto":
+            if self.cuda:
+                name = "batched_mm" if pairs <= BATCHED_MM_MAX_PAIRS else "grouped_mm"
+            else:
+                name = self._kernel_default if self._kernel_default in ("batched_mm", "grouped_mm", "eager") \
+                    else "grouped_mm"
+        if name == "batched_mm":
+            return tmoe.batched_mm_experts_forward
+        if name == "grouped_mm":
+            return tmoe.grouped_mm_experts_forward
+        eager = type(self.blocks[0].experts).forward.__wrapped__
+        return eager
+
+    def _issue(self, loads) -> None:
+        if not loads:
+            return
+        if not self.cuda:
+            for ld in loads:
+                self.pool_gate_up[ld.slot].copy_(self.host_gate_up[ld.layer][ld.expert])
+                self.pool_down[ld.slot].copy_(self.host_down[ld.layer][ld.expert])
+                self.bytes_moved[ld.layer] += self.expert_bytes
+            return
+        with torch.cuda.stream(self.copy_stream):
+            for ld in loads:
+                free = self.slot_free[ld.slot]
+                if free is not None:
+                    self.copy_stream.wait_event(free)  # the slot's last reader is done
+                self.pool_gate_up[ld.slot].copy_(self.host_gate_up[ld.layer][ld.expert], non_blocking=True)
+                self.pool_down[ld.slot].copy_(self.host_down[ld.layer][ld.expert], non_blocking=True)
+                self.slot_ready[ld.slot].record(self.copy_stream)
+                self.pending.add(ld.slot)
+                self.bytes_moved[ld.layer] += self.expert_bytes
+
+    def _wait(self, m: int, slots: list[int]) -> None:
+        if not self.cuda:
+            return
+        waits = [s for s in slots if s in self.pending]
+        if not waits:
+            return
+        stream = torch.cuda.current_stream(self.device)
+        t0 = torch.cuda.Event(enable_timing=True)
+        t1 = torch.cuda.Event(enable_timing=True)
+        t0.record(stream)
+        for s in waits:
+            stream.wait_event(self.slot_ready[s])  # only the experts this layer needs
+            self.pending.discard(s)
+        t1.record(stream)
+        self._stall_events.append((m, t0, t1))
+        if len(self._stall_events) > 4096:
+            self._resolve_stalls()
+
+    def _release(self, slots: list[int]) -> None:
+        if not self.cuda:
+            return
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        for s in slots:
+            self.slot_free[s] = ev
+
+    def _resolve_stalls(self) -> None:
+        if not self._stall_events:
+            return
+        self._stall_events[-1][2].synchronize()
+        for m, t0, t1 in self._stall_events:
+            self.counters.stall_ms[m] += t0.elapsed_time(t1)
+        self._stall_events.clear()
+
+    # ---- results ------------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict:
+        """Counters per MoE layer and in total (hits, misses, prefetches issued/used/wasted,
+        bytes moved, stall ms on the compute stream, activated experts per token, ...)."""
+        if self.cuda:
+            self._resolve_stalls()
+        d = self.counters.as_dict()
+        d["per_layer"]["bytes_moved"] = self.bytes_moved.tolist()
+        t = d["total"]
+        t["bytes_moved"] = int(self.bytes_moved.sum())
+        t["forward_steps"] = self.steps
+        t["tokens_generated"] = self.tokens_generated
+        t["gpu_slots"] = self.sched.num_slots
+        return d
+
+    def stats_json(self) -> str:
+        return json.dumps(self.stats, indent=2)
+
+    def reset_stats(self) -> None:
+        if self.cuda:
+            self._resolve_stalls()
+        self.counters.reset()
+        self.bytes_moved[:] = 0
+        self.steps = self.tokens_generated = 0
+
+    def trace(self) -> RoutingTrace:
+        if self.recorder is None:
+            raise RuntimeError("this handle was attached without record_trace=True")
+        return self.recorder.trace()
+
+
+def offload(model: nn.Module, config: RuntimeConfig | str, *, device: str | None = None,
+            record_trace: bool | None = None, trace_meta: dict | None = None) -> OffloadHandle:
+    """Attach ExpertFlow's scheduler to `model` following `config` (a RuntimeConfig or a path).
+
+    Returns a handle with `.stats`, `.detach()`; usable as a context manager.
+    """
+    if not isinstance(config, RuntimeConfig):
+        from ..config import load_config
+
+        config = load_config(config)
+    t0 = time.perf_counter()
+    handle = OffloadHandle(model, config, device=device, record_trace=record_trace, trace_meta=trace_meta)
+    log.debug("attach took %.2f s", time.perf_counter() - t0)
+    return handle
