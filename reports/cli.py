@@ -1,0 +1,20 @@
+"""`ef-report DIR`: (re)build report.html from an ef-tune output folder."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from expertflow._cli import new_parser, run_handler
+
+
+def build_report_parser() -> argparse.ArgumentParser:
+    p = new_parser("ef-report", "Write one self-contained, offline report.html for an ef-tune "
+                                "output folder (profile, study, config, validation).")
+    p.add_argument("dir", help="the ef-tune output folder")
+    p.add_argument("--out", default=None, help="report path (default: DIR/report.html)")
+    return p
+
+
+def report_main(argv: Sequence[str] | None = None) -> int:
+    return run_handler("ef-report", build_report_parser(), "reports.build:cli_report", argv)

@@ -1,0 +1,209 @@
+"""The profile: what `ef-profile` measures and `ef-tune` / the simulator / the report read.
+
+A profile is a directory (version 1):
+
+    profile.yaml         metadata (below); written last, so its presence marks a complete profile
+    trace.npz            the routing trace (expertflow.trace format)
+    activation.parquet   layer, expert, count, frequency            (frequency: share of the layer's
+                                                                    expert activations; rows sum to 1)
+    coactivation.parquet layer, expert_a, expert_b, count           (pairs chosen by the same token)
+    transitions.parquet  layer, expert_from, expert_to, probability (layer -> layer+1, same token)
+    reuse.parquet        layer, distance, count                     (tokens between two uses of an
+                                                                    expert in one layer and sequence)
+    predictor.parquet    lookahead, layer, recall, precision         (next-gate predictor, d = 1..4)
+    transfer.parquet     bytes, pinned, concurrency, median_ms, p10_ms, p90_ms, gbps
+    kernel.parquet       tokens, median_ms, p10_ms, p90_ms           (one expert's FFN, the runtime's kernel)
+    layer.parquet        tokens, median_ms, p10_ms, p90_ms           (non-expert part of one decoder layer)
+    runtime.parquet      name, value                                 (calibration of the real runtime:
+                                                                    decode_layer_ms, sync_ms, ...)
+
+profile.yaml keys:
+    version, profile_id, created_at, tool_version
+    model:     name, architecture, fingerprint, dims (ModelSpec.dims()), dtype, bytes_per_expert
+    hardware:  device (cuda|cpu), gpu_name, gpu_memory_bytes, pcie_generation, pcie_width,
+               driver_version, cuda_version, torch_version, transformers_version, host_cpu,
+               host_memory_bytes, source ("measured" | "bundled:<name>")
+    routing:   kind ("real" | "synthetic"), tokens, prompts, source, note (words for the report;
+               says plainly when routing is synthetic), synthetic (generator params or null)
+    timing:    kind ("measured-gpu" | "measured-cpu" | "bundled:<name>"), note
+    summary:   headline numbers (pinned_gbps, pageable_gbps, expert_copy_ms, expert_kernel_ms,
+               layer_ms, decode_layer_ms, ...)
+    files:     {table name: file name}
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from expertflow.errors import DataError
+from expertflow.trace import RoutingTrace
+
+PROFILE_VERSION = 1
+TABLES = ("activation", "coactivation", "transitions", "reuse", "predictor", "transfer", "kernel",
+          "layer", "runtime")
+REQUIRED_COLUMNS = {
+    "activation": ["layer", "expert", "count", "frequency"],
+    "coactivation": ["layer", "expert_a", "expert_b", "count"],
+    "transitions": ["layer", "expert_from", "expert_to", "probability"],
+    "reuse": ["layer", "distance", "count"],
+    "predictor": ["lookahead", "layer", "recall", "precision"],
+    "transfer": ["bytes", "pinned", "concurrency", "median_ms", "p10_ms", "p90_ms", "gbps"],
+    "kernel": ["tokens", "median_ms", "p10_ms", "p90_ms"],
+    "layer": ["tokens", "median_ms", "p10_ms", "p90_ms"],
+    "runtime": ["name", "value"],
+}
+
+
+def _interp(table: pd.DataFrame, x_col: str, x: float, y_col: str = "median_ms") -> float:
+    """Piecewise-linear interpolation in x (linear extrapolation past the ends, never < 0)."""
+    t = table.sort_values(x_col)
+    xs = t[x_col].to_numpy(dtype=np.float64)
+    ys = t[y_col].to_numpy(dtype=np.float64)
+    if len(xs) == 0:
+        raise DataError(f"profile table for {y_col} vs {x_col} is empty; re-run ef-profile")
+    if len(xs) == 1:
+        return float(ys[0])
+    if x <= xs[0]:
+        return float(max(0.0, ys[0]))
+    if x >= xs[-1]:
+        slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-12)
+        return float(max(0.0, ys[-1] + slope * (x - xs[-1])))
+    return float(np.interp(x, xs, ys))
+
+
+@dataclass
+class Profile:
+    meta: dict
+    trace: RoutingTrace
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    path: Path | None = None
+
+    # ---- identity --------------------------------------------------------------------------
+    @property
+    def profile_id(self) -> str:
+        return str(self.meta["profile_id"])
+
+    @property
+    def routing_kind(self) -> str:
+        return str(self.meta["routing"]["kind"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta["model"]["fingerprint"])
+
+    # ---- what the simulator charges ---------------------------------------------------------
+    def priors(self) -> np.ndarray:
+        """Activation frequency [L, E] (rows sum to 1)."""
+        a = self.tables["activation"]
+        out = np.zeros((self.trace.num_layers, self.trace.num_experts))
+        out[a["layer"].to_numpy(int), a["expert"].to_numpy(int)] = a["frequency"].to_numpy(float)
+        return out
+
+    def copy_ms(self, nbytes: int, concurrency: int = 1, pinned: bool = True) -> float:
+        """Host->device time of one copy of `nbytes` (interpolated in bytes)."""
+        t = self.tables["transfer"]
+        sub = t[(t["pinned"] == pinned) & (t["concurrency"] == concurrency)]
+        if sub.empty:
+            sub = t[t["pinned"] == pinned]
+        return _interp(sub, "bytes", float(nbytes))
+
+    def expert_kernel_ms(self, tokens: int) -> float:
+        return _interp(self.tables["kernel"], "tokens", float(tokens))
+
+    def layer_ms(self, tokens: int) -> float:
+        """Non-expert part of one decoder layer for `tokens` tokens."""
+        return _interp(self.tables["layer"], "tokens", float(tokens))
+
+    def runtime_value(self, name: str, default: float | None = None) -> float:
+        t = self.tables.get("runtime")
+        if t is not None:
+            row = t[t["name"] == name]
+            if len(row):
+                return float(row["value"].iloc[0])
+        if default is None:
+            raise DataError(f"profile {self.profile_id!r} has no runtime calibration {name!r}; "
+                            "re-run ef-profile")
+        return default
+
+    # ---- io --------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the profile directory atomically (build beside it, then swap it in)."""
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            self.trace.save(tmp / "trace.npz")
+            files = {"trace": "trace.npz"}
+            for name, df in self.tables.items():
+                df.to_parquet(tmp / f"{name}.parquet", index=False)
+                files[name] = f"{name}.parquet"
+            meta = {**self.meta, "version": PROFILE_VERSION, "files": files}
+            (tmp / "profile.yaml").write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.path = target
+        return target
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Profile:
+        d = Path(directory)
+        meta_file = d / "profile.yaml"
+        if not meta_file.is_file():
+            raise DataError(f"{str(d)!r} is not a profile: no profile.yaml in it (incomplete or "
+                            "wrong folder); run ef-profile --out DIR")
+        try:
+            meta = yaml.safe_load(meta_file.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+            raise DataError(f"profile file {str(meta_file)!r} is corrupt ({exc.__class__.__name__}); "
+                            "re-run ef-profile") from None
+        if not isinstance(meta, dict) or meta.get("version") != PROFILE_VERSION:
+            v = meta.get("version") if isinstance(meta, dict) else None
+            raise DataError(f"profile {str(d)!r} has version {v!r}; this ExpertFlow reads version "
+                            f"{PROFILE_VERSION}; re-run ef-profile")
+        for key in ("profile_id", "model", "hardware", "routing", "timing"):
+            if key not in meta:
+                raise DataError(f"profile file {str(meta_file)!r} lacks {key!r}; re-run ef-profile")
+        files = meta.get("files") or {}
+        trace = RoutingTrace.load(d / files.get("trace", "trace.npz"))
+        tables: dict[str, pd.DataFrame] = {}
+        for name in TABLES:
+            fname = files.get(name)
+            if fname is None:
+                continue
+            try:
+                df = pd.read_parquet(d / fname)
+            except Exception as exc:  # pyarrow raises several unrelated types for bad files
+                raise DataError(f"profile table {str(d / fname)!r} is corrupt or truncated "
+                                f"({exc.__class__.__name__}); re-run ef-profile") from None
+            missing = [c for c in REQUIRED_COLUMNS[name] if c not in df.columns]
+            if missing:
+                raise DataError(f"profile table {str(d / fname)!r} lacks columns {missing}; re-run ef-profile")
+            tables[name] = df
+        for name in ("activation", "transfer", "kernel", "layer"):
+            if name not in tables:
+                raise DataError(f"profile {str(d)!r} lacks the {name!r} table; re-run ef-profile")
+        return cls(meta=meta, trace=trace, tables=tables, path=d)
+
+
+def new_profile_id(model_name: str, device_label: str) -> str:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in Path(model_name).name)
+    dev = "".join(ch if ch.isalnum() else "-" for ch in device_label.lower()).strip("-")
+    return f"{safe}-{dev}-{stamp}"
