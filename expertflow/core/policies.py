@@ -47,6 +47,8 @@ class ExpertStats:
 
     `now` counts scheduler steps (one per layer visit); `last_access` is -1 for never.
     `prior` is the profiled activation frequency per layer (rows sum to 1; uniform if unknown).
+    The decayed frequency (EMA over the layer's visits) is kept lazily: stored value plus the
+    layer visit at which it was stored, decayed on read, so an access costs O(k) not O(E).
     """
 
     def __init__(self, num_layers: int, num_experts: int, prior: np.ndarray | None = None,
@@ -54,8 +56,10 @@ class ExpertStats:
         shape = (num_layers, num_experts)
         self.last_access = np.full(shape, -1, dtype=np.int64)
         self.count = np.zeros(shape, dtype=np.int64)
-        self.ema = np.zeros(shape, dtype=np.float64)  # decayed access frequency
         self.predicted = np.zeros(shape, dtype=bool)  # the predictor expects it soon
+        self._ema = np.zeros(shape, dtype=np.float64)
+        self._ema_at = np.zeros(shape, dtype=np.int64)  # layer visit of the stored value
+        self.visits = np.zeros(num_layers, dtype=np.int64)
         self.decay = float(decay)
         if prior is None:
             prior = np.full(shape, 1.0 / num_experts)
@@ -66,12 +70,21 @@ class ExpertStats:
         self.prior = np.divide(prior, sums, out=np.full(shape, 1.0 / num_experts), where=sums > 0)
         self._prior_norm = self.prior / np.maximum(self.prior.max(axis=1, keepdims=True), 1e-12)
 
-    def record_access(self, layer: int, experts: np.ndarray, now: int) -> None:
-        self.last_access[layer, experts] = now
-        self.count[layer, experts] += 1
-        self.ema[layer] *= self.decay
-        self.ema[layer, experts] += 1.0 - self.decay
-        self.predicted[layer, experts] = False
+    def record_access(self, layer: int, experts: list[int], now: int) -> None:
+        self.visits[layer] += 1
+        v = int(self.visits[layer])
+        la, cnt, ema, at, pred = self.last_access, self.count, self._ema, self._ema_at, self.predicted
+        d, gain = self.decay, 1.0 - self.decay
+        pred[layer] = False  # predictions were for this visit: they have served their purpose
+        for e in experts:  # scalar numpy access beats fancy indexing for k <= ~16
+            la[layer, e] = now
+            cnt[layer, e] += 1
+            ema[layer, e] = ema[layer, e] * d ** (v - at[layer, e]) + gain
+            at[layer, e] = v
+
+    def ema(self) -> np.ndarray:
+        """Decayed access frequency [L, E] as of now."""
+        return self._ema * np.power(self.decay, self.visits[:, None] - self._ema_at)
 
 
 class EvictionPolicy(ABC):
@@ -83,6 +96,8 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def scores(self, layers: np.ndarray, experts: np.ndarray, now: int) -> np.ndarray:
         """Keep-worthiness of each resident (layers[i], experts[i]); lowest is evicted first."""
+
+    has_pins: ClassVar[bool] = False
 
     def pinned(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
         return np.zeros(len(layers), dtype=bool)
@@ -113,6 +128,8 @@ class StaticPolicy(EvictionPolicy):
     The scheduler decides the pinned set (it knows the partition capacities) and passes it as
     `pinned_mask` [L, E].
     """
+
+    has_pins = True
 
     def __init__(self, stats: ExpertStats, pinned_mask: np.ndarray | None = None, **params):
         super().__init__(stats)
@@ -147,8 +164,9 @@ class ExpertFlowPolicy(EvictionPolicy):
 
     def scores(self, layers, experts, now):
         s = self.stats
-        ema_max = np.maximum(s.ema.max(axis=1), 1e-12)[layers]
-        freq = 0.5 * (s._prior_norm[layers, experts] + s.ema[layers, experts] / ema_max)
+        ema = s.ema()
+        ema_max = np.maximum(ema.max(axis=1), 1e-12)[layers]
+        freq = 0.5 * (s._prior_norm[layers, experts] + ema[layers, experts] / ema_max)
         last = s.last_access[layers, experts]
         age = np.where(last >= 0, (now - last) / self.steps_per_token, 1e9)
         recency = np.power(s.decay, np.minimum(age, 1e4))

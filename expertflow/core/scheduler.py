@@ -147,11 +147,13 @@ class _Partition:
     """A set of GPU slots with one eviction policy (one layer's, or the shared pool)."""
 
     def __init__(self, slots: list[int]):
-        self.slots = np.asarray(slots, dtype=np.int64)
+        self.slots = list(slots)
         n = len(slots)
         self.layer = np.full(n, -1, dtype=np.int64)  # occupant per local slot (-1 = free)
         self.expert = np.full(n, -1, dtype=np.int64)
         self.local_of = {int(s): i for i, s in enumerate(slots)}
+        self.free = list(range(n - 1, -1, -1))  # a stack: lowest local slot first
+        self.pinned_occupants = 0  # static policy: slots holding pinned experts
 
     @property
     def capacity(self) -> int:
@@ -159,7 +161,11 @@ class _Partition:
 
 
 class Scheduler:
-    """Adaptive-k, expert cache (slots + eviction) and prefetch planning; see module docstring."""
+    """Adaptive-k, expert cache (slots + eviction) and prefetch planning; see module docstring.
+
+    The hot path (one call of `route` and `prefetch` per MoE layer visit) runs on Python ints
+    and lists; numpy is used where it vectorises real work (victim scoring, adaptive-k).
+    """
 
     def __init__(self, params: SchedulerParams):
         self.p = params
@@ -168,10 +174,9 @@ class Scheduler:
             raise ValueError(f"top_k {params.top_k} > num_experts {E}")
         prior = np.asarray(params.priors, dtype=np.float64) if params.priors is not None else None
         self.stats = ExpertStats(L, E, prior, params.decay)
-        self.counters = Counters(L, max(1, params.prefetch_depth))
+        self.counters = Counters(L)
         self.now = 0
-        self.slot_of = np.full((L, E), -1, dtype=np.int64)  # resident slot of each expert
-        # Build partitions: global slot ids are contiguous per partition.
+        self.slot_of: list[list[int]] = [[-1] * E for _ in range(L)]  # resident slot per expert
         if params.scope == "pooled":
             cap = min(params.capacity, L * E)
             self.partitions = [_Partition(list(range(cap)))]
@@ -188,23 +193,24 @@ class Scheduler:
         else:
             raise ValueError(f"unknown cache scope {params.scope!r}")
         self.num_slots = sum(p.capacity for p in self.partitions)
-        self.slot_part = np.empty(self.num_slots, dtype=np.int64)
-        for pi, part in enumerate(self.partitions):
-            self.slot_part[part.slots] = pi
-        # Prefetch bookkeeping: an unused prefetched expert remembers its lookahead distance.
-        self.prefetched = np.zeros((L, E), dtype=np.int64)  # 0 = not an unused prefetch
-        self.precision = np.ones(max(1, params.prefetch_depth) + 1)  # EMA per distance, optimistic
+        self.prefetched: list[list[int]] = [[0] * E for _ in range(L)]  # distance of an unused prefetch
+        self.precision = [1.0] * (max(1, params.prefetch_depth) + 1)  # EMA per distance, optimistic
         self.needed_ema = float(params.top_k)
-        pinned = self._pinned_mask() if params.policy == "static" else None
+        self.pinned_mask = self._pinned_mask() if params.policy == "static" else None
         self.policy = make_policy(params.policy, self.stats, freq_weight=params.freq_weight,
-                                  prediction_bonus=params.prediction_bonus, pinned_mask=pinned,
+                                  prediction_bonus=params.prediction_bonus, pinned_mask=self.pinned_mask,
                                   steps_per_token=L)
+        self._pins = self.policy.has_pins
 
     # ---- setup ----------------------------------------------------------------------------
     def _hottest(self) -> list[list[int]]:
         """Experts per layer in descending prior order (ties: lower id first)."""
         prior = self.stats.prior
-        return [list(np.lexsort((np.arange(prior.shape[1]), -prior[i]))) for i in range(prior.shape[0])]
+        return [[int(e) for e in np.lexsort((np.arange(prior.shape[1]), -prior[i]))]
+                for i in range(prior.shape[0])]
+
+    def _layers_of(self, pi: int) -> list[int]:
+        return [i for i in range(self.p.num_layers) if self.partition_of_layer[i] == pi]
 
     def _pinned_mask(self) -> np.ndarray:
         """static: pin the hottest experts, keeping top_k scratch slots per partition (or 1)."""
@@ -215,10 +221,9 @@ class Scheduler:
         for pi, part in enumerate(self.partitions):
             scratch = k if part.capacity > k else 1
             n_pin = max(0, part.capacity - scratch)
-            layers = [i for i in range(L) if self.partition_of_layer[i] == pi]
+            layers = self._layers_of(pi)
             if len(layers) == 1:
-                for e in hottest[layers[0]][:n_pin]:
-                    mask[layers[0], e] = True
+                mask[layers[0], hottest[layers[0]][:n_pin]] = True
             else:  # pooled: the globally hottest by prior share
                 order = np.argsort(-self.stats.prior, axis=None, kind="stable")[:n_pin]
                 mask.flat[order] = True
@@ -233,51 +238,60 @@ class Scheduler:
             return []
         loads: list[Load] = []
         hottest = self._hottest()
+        E = self.p.num_experts
         for pi, part in enumerate(self.partitions):
-            layers = [i for i in range(self.p.num_layers) if self.partition_of_layer[i] == pi]
+            layers = self._layers_of(pi)
             if len(layers) == 1:
-                keys = [(layers[0], int(e)) for e in hottest[layers[0]][:part.capacity]]
+                keys = [(layers[0], e) for e in hottest[layers[0]][:part.capacity]]
             else:
                 order = np.argsort(-self.stats.prior, axis=None, kind="stable")[:part.capacity]
-                keys = [(int(o) // self.p.num_experts, int(o) % self.p.num_experts) for o in order]
+                keys = [(int(o) // E, int(o) % E) for o in order]
             for layer, e in keys:
-                loads.append(self._admit(layer, e, protected=set(), prefetch=False, distance=0))
-        return [ld for ld in loads if ld is not None]
+                ld = self._admit(layer, e, (), prefetch=False, distance=0)
+                if ld is not None:
+                    loads.append(ld)
+        return loads
 
     # ---- the cache ------------------------------------------------------------------------
-    def _admit(self, layer: int, expert: int, protected: set[int], prefetch: bool,
-               distance: int) -> Load | None:
-        """Give (layer, expert) a slot in its partition; None if every slot is protected/pinned."""
+    def _admit(self, layer: int, expert: int, protected, prefetch: bool, distance: int) -> Load | None:
+        """Give (layer, expert) a slot in its partition; None if every slot is protected/pinned.
+
+        protected: global slots that must not be evicted.
+        """
         part = self.partitions[self.partition_of_layer[layer]]
-        free = np.flatnonzero(part.layer < 0)
         evicted = None
-        if len(free):
-            local = int(free[0])
+        if part.free:
+            local = part.free.pop()
         else:
             scores = self.policy.scores(part.layer, part.expert, self.now).astype(np.float64)
-            blocked = self.policy.pinned(part.layer, part.expert)
-            if protected:
-                blocked = blocked | np.isin(part.slots, list(protected))
-            scores = np.where(blocked, np.inf, scores)
+            if self._pins:
+                scores[self.policy.pinned(part.layer, part.expert)] = np.inf
+            for s in protected:
+                li = part.local_of.get(s)
+                if li is not None:
+                    scores[li] = np.inf
             local = int(np.argmin(scores))
-            if not np.isfinite(scores[local]):
+            if scores[local] == np.inf:
                 return None
             ev_l, ev_e = int(part.layer[local]), int(part.expert[local])
             evicted = (ev_l, ev_e)
-            self.slot_of[ev_l, ev_e] = -1
+            self.slot_of[ev_l][ev_e] = -1
             c = self.counters
             c.evictions[ev_l] += 1
-            if self.prefetched[ev_l, ev_e]:
+            dist = self.prefetched[ev_l][ev_e]
+            if dist:
                 c.prefetch_wasted[ev_l] += 1
-                self._precision_update(int(self.prefetched[ev_l, ev_e]), used=False)
-                self.prefetched[ev_l, ev_e] = 0
-        slot = int(part.slots[local])
-        part.layer[local], part.expert[local] = layer, expert
-        self.slot_of[layer, expert] = slot
+                self._precision_update(dist, used=False)
+                self.prefetched[ev_l][ev_e] = 0
+        slot = part.slots[local]
+        part.layer[local] = layer
+        part.expert[local] = expert
+        self.slot_of[layer][expert] = slot
         if prefetch:
-            self.prefetched[layer, expert] = distance
+            self.prefetched[layer][expert] = distance
         # An admitted expert counts as just touched, so a wave's later loads never evict it.
-        self.stats.last_access[layer, expert] = max(self.stats.last_access[layer, expert], self.now)
+        if self.stats.last_access[layer, expert] < self.now:
+            self.stats.last_access[layer, expert] = self.now
         return Load(layer, expert, slot, evicted, prefetch, distance)
 
     def _precision_update(self, distance: int, used: bool) -> None:
@@ -287,31 +301,41 @@ class Scheduler:
     def route(self, layer: int, ids: np.ndarray, weights: np.ndarray) -> Route:
         """Decide one MoE layer visit. ids/weights: the router's top-k, [T, k]."""
         self.now += 1
-        ids = np.asarray(ids, dtype=np.int64)
         p, c = self.p, self.counters
-        keep, new_w = _ak.apply(weights, p.threshold, p.min_k, p.renormalize)
-        needed = np.unique(ids[keep])
+        ids = np.asarray(ids)
+        T = ids.shape[0]
+        if p.threshold >= 1.0:
+            keep = _ALL_TRUE.get((T, ids.shape[1])) if T <= 8 else None
+            if keep is None:
+                keep = np.ones(ids.shape, dtype=bool)
+            new_w = weights
+            needed = sorted(set(ids.ravel().tolist()))
+            c.activated[layer] += ids.size
+        else:
+            keep, new_w = _ak.apply(weights, p.threshold, p.min_k, p.renormalize)
+            needed = sorted(set(ids[keep].tolist()))
+            c.activated[layer] += int(keep.sum())
+            c.dropped_mass[layer] += float(_ak.dropped_mass(weights, keep).sum())
         c.steps[layer] += 1
-        c.tokens[layer] += ids.shape[0]
-        c.activated[layer] += int(keep.sum())
+        c.tokens[layer] += T
         c.unique_needed[layer] += len(needed)
-        c.dropped_mass[layer] += float(_ak.dropped_mass(weights, keep).sum())
-        resident = self.slot_of[layer, needed] >= 0
-        hits = [int(e) for e in needed[resident]]
-        misses = [int(e) for e in needed[~resident]]
+        row = self.slot_of[layer]
+        hits = [e for e in needed if row[e] >= 0]
+        misses = [e for e in needed if row[e] < 0]
         c.hits[layer] += len(hits)
         c.misses[layer] += len(misses)
+        pre = self.prefetched[layer]
         for e in hits:
-            if self.prefetched[layer, e]:
+            if pre[e]:
                 c.prefetch_used[layer] += 1
-                self._precision_update(int(self.prefetched[layer, e]), used=True)
-                self.prefetched[layer, e] = 0
+                self._precision_update(pre[e], used=True)
+                pre[e] = 0
         self.stats.record_access(layer, needed, self.now)
         self.needed_ema = 0.9 * self.needed_ema + 0.1 * len(needed)
         # Waves: the first holds every hit plus the misses that fit; the rest stream through the
         # slots that are neither pinned (static) nor in use by the wave.
         cap = self.layer_capacity[layer]
-        n_pinned, n_pinned_needed = self._pinned_count(layer, needed)
+        n_pinned, n_pinned_needed = self._pinned_count(layer, needed) if self._pins else (0, 0)
         first_n = max(0, min(len(misses), cap - (n_pinned - n_pinned_needed) - len(hits)))
         groups = [hits + misses[:first_n]]
         rest = misses[first_n:]
@@ -320,10 +344,10 @@ class Scheduler:
             groups.append(rest[i:i + stream])
         waves: list[Wave] = []
         for group in groups:
-            protected = {int(self.slot_of[layer, e]) for e in group if self.slot_of[layer, e] >= 0}
+            protected = {row[e] for e in group if row[e] >= 0}
             loads = []
             for e in group:
-                if self.slot_of[layer, e] >= 0:
+                if row[e] >= 0:
                     continue
                 ld = self._admit(layer, e, protected, prefetch=False, distance=0)
                 if ld is None:  # cannot happen: a group never exceeds the partition
@@ -331,10 +355,10 @@ class Scheduler:
                 protected.add(ld.slot)
                 loads.append(ld)
                 c.demand_loads[layer] += 1
-            waves.append(Wave(list(group), [int(self.slot_of[layer, e]) for e in group], loads))
-        return Route(layer, keep, new_w, [int(e) for e in needed], len(hits), len(misses), waves)
+            waves.append(Wave(group, [row[e] for e in group], loads))
+        return Route(layer, keep, new_w, needed, len(hits), len(misses), waves)
 
-    def _pinned_count(self, layer: int, needed: np.ndarray) -> tuple[int, int]:
+    def _pinned_count(self, layer: int, needed: list[int]) -> tuple[int, int]:
         """(pinned experts resident in `layer`'s partition, how many of them this visit needs)."""
         part = self.partitions[self.partition_of_layer[layer]]
         occupied = part.layer >= 0
@@ -376,29 +400,38 @@ class Scheduler:
         depth = self.effective_depth()
         if depth <= 0 or predictions is None:
             return []
-        preds = np.asarray(predictions, dtype=np.int64)
+        preds = np.asarray(predictions)
         width = p.prefetch_width or p.top_k
         loads: list[Load] = []
         c = self.counters
+        same_part_current = None
         for dist in range(1, min(depth, preds.shape[0]) + 1):
             target = layer + dist
             if target >= p.num_layers:
                 break
             cand = preds[dist - 1, :, :width]
-            cand = cand[cand >= 0]
-            if cand.size == 0:
+            if cand.shape[0] == 1:  # decode: one token, already in rank order
+                ranked = [e for e in dict.fromkeys(cand[0].tolist()) if e >= 0]
+            else:  # rank by how many tokens predict the expert, then by first appearance
+                flat = cand[cand >= 0]
+                if flat.size == 0:
+                    continue
+                uniq, first, counts = np.unique(flat, return_index=True, return_counts=True)
+                ranked = uniq[np.lexsort((first, -counts))].tolist()
+            if not ranked:
                 continue
-            # Rank by how many tokens predict the expert, then by first appearance.
-            uniq, first, counts = np.unique(cand, return_index=True, return_counts=True)
-            order = np.lexsort((first, -counts))
-            ranked = [int(e) for e in uniq[order]]
-            self.stats.predicted[target, ranked] = True
-            protected = {int(self.slot_of[target, e]) for e in ranked if self.slot_of[target, e] >= 0}
-            if current is not None and self.partition_of_layer[current.layer] == self.partition_of_layer[target]:
-                protected |= {int(self.slot_of[current.layer, e]) for e in current.needed
-                              if self.slot_of[current.layer, e] >= 0}
+            pred_row = self.stats.predicted[target]
             for e in ranked:
-                if self.slot_of[target, e] >= 0:
+                pred_row[e] = True
+            row = self.slot_of[target]
+            protected = {row[e] for e in ranked if row[e] >= 0}
+            if current is not None and self.partition_of_layer[current.layer] == self.partition_of_layer[target]:
+                if same_part_current is None:
+                    cur_row = self.slot_of[current.layer]
+                    same_part_current = {cur_row[e] for e in current.needed if cur_row[e] >= 0}
+                protected |= same_part_current
+            for e in ranked:
+                if row[e] >= 0:
                     continue
                 ld = self._admit(target, e, protected, prefetch=True, distance=dist)
                 if ld is None:
@@ -407,3 +440,6 @@ class Scheduler:
                 loads.append(ld)
                 c.prefetch_issued[target] += 1
         return loads
+
+
+_ALL_TRUE = {(t, k): np.ones((t, k), dtype=bool) for t in range(1, 9) for k in range(1, 17)}

@@ -164,3 +164,20 @@ def load_model(name_or_path: str, config=None, *, device: str | None = None,
     model = build_model(spec, device=dev, dtype=dt, seed=seed, experts_on_host=True,
                         pin_memory=dev.type == "cuda" and config.runtime.pin_memory)
     return model, offload(model, config, device=str(dev), record_trace=record_trace)
+
+
+def experts_to_host(model: nn.Module, pin: bool = True) -> None:
+    """Move every routed expert parameter to (pinned) host memory, in place.
+
+    Later `offload()` calls then attach without copying the experts again (benchmarks and GPU
+    tests attach many configs to one model).
+    """
+    for block in find_moe_blocks(model):
+        ex = block.experts
+        for name in ("gate_up_proj", "down_proj"):
+            p = ex._parameters[name]
+            host = torch.empty(p.shape, dtype=p.dtype, pin_memory=pin)
+            host.copy_(p.data)
+            ex._parameters[name] = nn.Parameter(host, requires_grad=p.requires_grad)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -275,30 +275,48 @@ class OffloadHandle(AbstractContextManager):
 
     def _compute(self, m: int, route: Route, h: torch.Tensor, ids_np: np.ndarray,
                  w: torch.Tensor) -> torch.Tensor:
+        """Run the layer's experts over the slot pool with transformers' own kernel.
+
+        One wave (the usual case): one kernel call over [T, k] with expert ids remapped to slots,
+        dropped pairs given weight 0 and a valid slot: the same arithmetic as the un-offloaded
+        model's backend. Several waves (a layer needs more experts than it has slots): each wave
+        computes its token-expert pairs as k=1 rows, the weighted pair outputs are scattered into
+        a [T*k, H] buffer and summed over k once at the end, as the kernel itself would: the
+        result does not depend on how the experts were split into waves.
+        """
         view = self.views[m]
-        kernel = self._kernel(ids_np.size)
-        unchanged_w = self.params.threshold >= 1.0 and len(route.waves) == 1
-        out = None
+        T, k = ids_np.shape
+        if len(route.waves) == 1:
+            wave = route.waves[0]
+            self._issue(wave.loads)
+            self._wait(m, wave.slots)
+            lut = np.full(self.E, wave.slots[0], dtype=np.int64)
+            lut[wave.experts] = wave.slots
+            slot_t = torch.from_numpy(lut[ids_np]).to(self.device, non_blocking=True)  # [T, k]
+            if self.params.threshold >= 1.0:
+                w_t = w
+            else:
+                w_t = torch.from_numpy(route.weights).to(self.device, dtype=w.dtype, non_blocking=True)
+            out = self._kernel(T * k)(view, h, slot_t, w_t)
+            self._release(wave.slots)
+            return out
+        buf = h.new_zeros((T * k, h.shape[-1]))  # weighted output per token-expert pair
+        flat_ids = ids_np.reshape(-1)
+        flat_keep = route.keep.reshape(-1)
+        flat_w = np.asarray(route.weights, dtype=np.float32).reshape(-1)
         for wave in route.waves:
             self._issue(wave.loads)
             self._wait(m, wave.slots)
-            fallback = wave.slots[0]
-            lut = np.full(self.E, fallback, dtype=np.int64)
+            lut = np.full(self.E, -1, dtype=np.int64)
             lut[wave.experts] = wave.slots
-            member = np.zeros(self.E, dtype=bool)
-            member[wave.experts] = True
-            in_wave = route.keep & member[ids_np]  # [T, k]: kept pairs computed in this wave
-            slots = np.where(in_wave, lut[ids_np], fallback)  # others: weight 0, any valid slot
-            slot_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
-            if unchanged_w:
-                w_t = w
-            else:
-                w_t = torch.from_numpy(np.where(in_wave, route.weights, 0).astype(np.float32)).to(
-                    self.device, dtype=w.dtype, non_blocking=True)
-            part = kernel(view, h, slot_t, w_t)
-            out = part if out is None else out + part
+            pairs = np.flatnonzero(flat_keep & (lut[flat_ids] >= 0))  # [P] flat t*k + j
+            pairs_t = torch.from_numpy(pairs).to(self.device, non_blocking=True)
+            slot_t = torch.from_numpy(lut[flat_ids[pairs]][:, None]).to(self.device, non_blocking=True)
+            w_t = torch.from_numpy(flat_w[pairs][:, None]).to(self.device, dtype=w.dtype, non_blocking=True)
+            x = h.index_select(0, pairs_t // k)  # [P, H]
+            buf.index_copy_(0, pairs_t, self._kernel(len(pairs))(view, x, slot_t, w_t))
             self._release(wave.slots)
-        return out
+        return buf.view(T, k, -1).sum(dim=1).to(h.dtype)
 
     def _kernel(self, pairs: int):
         from transformers.integrations import moe as tmoe

@@ -1,0 +1,296 @@
+"""Trace-driven simulator of the built-in scheduler.
+
+Replays a routing trace through the runtime's own decision code (`expertflow.core.Scheduler`:
+adaptive-k, eviction, prefetch planning) and charges each decision its cost from the profile:
+copies on a copy stream, expert kernels and the non-expert part of each layer on the compute
+stream, and the host, which at batch-1 decode is the bottleneck (anchors.md: ~143 ms of CPU for
+~7 ms of GPU per transformers decode step), as a third clock.
+
+The timeline per MoE layer visit mirrors `expertflow.runtime.offload` step by step:
+
+    host  : launch the non-expert part (host_pre) -> sync on the router ids (waits for the GPU)
+            -> decide -> issue demand loads -> launch experts -> issue prefetches
+    copy  : FIFO; a load starts when issued, the copy stream is free, and the slot's previous
+            reader has finished; it takes copy_ms(bytes_per_expert)
+    gpu   : non-expert part (layer_ms(T)), then per wave: wait for the wave's loads (stall),
+            run the experts (expert_kernel_ms(tokens per expert) each)
+
+Torch-free. Same trace + same config => the same hit/miss/prefetch counts as the runtime
+(tests/tuner/test_sim_runtime_contract.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from expertflow.core import Scheduler, SchedulerParams
+from expertflow.core.counters import Counters
+from expertflow.trace import DECODE, PREFILL, RoutingTrace
+
+METRIC_KEYS = ("decode_tokens_per_s", "prefill_ms", "stall_ms_per_token", "hit_rate",
+               "bytes_per_token", "peak_gpu_bytes", "activated_per_token",
+               "dropped_mass_per_token", "prefetch_precision", "quality_loss")
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Every time the simulator charges, in ms. Build with `Costs.from_profile`."""
+
+    copy_ms: float  # one expert host->device (pinned)
+    layer_ms: tuple[tuple[int, float], ...]  # (tokens, GPU ms of one layer's non-expert part)
+    kernel_ms: tuple[tuple[int, float], ...]  # (tokens, GPU ms of one expert's FFN)
+    host_layer_ms: float  # host time per MoE layer at batch-1 decode, all experts resident
+    host_pre_fraction: float = 0.6  # share of host_layer_ms spent before the router sync
+    sync_ms: float = 0.02  # one small device->host read
+    load_issue_ms: float = 0.02  # host cost of issuing one expert copy (2 copies + event)
+    step_overhead_ms: float = 0.0  # per forward step: embeddings, LM head, sampling, generate()
+    num_decoder_layers: int = 0  # dense layers add host_layer_ms each (no experts)
+
+    @staticmethod
+    def _interp(table, x: float) -> float:
+        xs = np.array([a for a, _ in table], dtype=np.float64)
+        ys = np.array([b for _, b in table], dtype=np.float64)
+        if len(xs) == 1:
+            return float(ys[0])
+        if x >= xs[-1]:
+            slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-12)
+            return float(max(0.0, ys[-1] + slope * (x - xs[-1])))
+        return float(np.interp(x, xs, ys))
+
+    def layer(self, tokens: int) -> float:
+        return self._interp(self.layer_ms, tokens)
+
+    def kernel(self, tokens: int) -> float:
+        return self._interp(self.kernel_ms, tokens)
+
+    @classmethod
+    def from_profile(cls, profile, bytes_per_expert: int, num_decoder_layers: int = 0) -> Costs:
+        lt = profile.tables["layer"].sort_values("tokens")
+        kt = profile.tables["kernel"].sort_values("tokens")
+        layer = tuple(zip(lt["tokens"].astype(int), lt["median_ms"].astype(float)))
+        kernel = tuple(zip(kt["tokens"].astype(int), kt["median_ms"].astype(float)))
+        host = profile.runtime_value("decode_layer_ms", default=max(layer[0][1], 0.05))
+        return cls(
+            copy_ms=profile.copy_ms(bytes_per_expert),
+            layer_ms=layer, kernel_ms=kernel, host_layer_ms=host,
+            host_pre_fraction=profile.runtime_value("host_pre_fraction", default=0.6),
+            sync_ms=profile.runtime_value("sync_ms", default=0.02),
+            load_issue_ms=profile.runtime_value("load_issue_ms", default=0.02),
+            step_overhead_ms=profile.runtime_value("step_overhead_ms", default=0.0),
+            num_decoder_layers=num_decoder_layers,
+        )
+
+
+@dataclass
+class SimResult:
+    metrics: dict[str, float]
+    counters: Counters  # every step (for the runtime contract)
+    decode_counters: dict[str, float] = field(default_factory=dict)
+    timeline: dict[str, float] = field(default_factory=dict)
+
+
+def decode_schedule(trace: RoutingTrace, prompt_tokens: int = 16, batch: int = 1,
+                    max_decode_tokens: int | None = None) -> list[tuple[np.ndarray, int]]:
+    """Re-batch a trace as serving would run it: per group of `batch` sequences, one prefill
+    step of their first `prompt_tokens` tokens, then one decode step per position.
+
+    Valid because a causal LM routes a token identically in prefill and in decode. Returns
+    [(token indices [T], kind)].
+    """
+    steps: list[tuple[np.ndarray, int]] = []
+    order = np.lexsort((trace.pos, trace.seq))
+    seqs = trace.seq[order]
+    bounds = np.flatnonzero(np.diff(seqs)) + 1
+    groups = np.split(order, bounds)
+    decoded = 0
+    for g0 in range(0, len(groups), batch):
+        group = groups[g0:g0 + batch]
+        p = min(prompt_tokens, min(len(g) for g in group) - 1)
+        if p < 1:
+            continue
+        steps.append((np.concatenate([g[:p] for g in group]), PREFILL))
+        n = min(len(g) for g in group)
+        for i in range(p, n):
+            steps.append((np.array([g[i] for g in group]), DECODE))
+            decoded += len(group)
+            if max_decode_tokens is not None and decoded >= max_decode_tokens:
+                return steps
+    return steps
+
+
+def recorded_schedule(trace: RoutingTrace) -> list[tuple[np.ndarray, int]]:
+    return [(np.arange(s.start, s.stop), kind) for s, kind in trace.step_slices()]
+
+
+def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "decode",
+             prompt_tokens: int = 16, max_decode_tokens: int | None = None,
+             quality_table: dict[float, float] | None = None) -> SimResult:
+    """Replay `trace` under `config` (a RuntimeConfig) and predict its metrics.
+
+    schedule: "decode" (re-batched as prefill + one-token decode steps, batch =
+    config.memory.max_batch) or "recorded" (the trace's own steps, as the runtime ran them).
+    """
+    if trace.num_layers != config.model.num_moe_layers or trace.num_experts != config.model.num_experts:
+        from expertflow.errors import DataError
+
+        raise DataError(f"trace has {trace.num_layers} layers x {trace.num_experts} experts but the config "
+                        f"is for {config.model.num_moe_layers} x {config.model.num_experts}; profile this model")
+    params = SchedulerParams.from_config(config)
+    sched = Scheduler(params)
+    if params.prefetch_depth > trace.lookahead:
+        params_depth = trace.lookahead
+    else:
+        params_depth = params.prefetch_depth
+    steps = (recorded_schedule(trace) if schedule == "recorded"
+             else decode_schedule(trace, prompt_tokens, config.memory.max_batch, max_decode_tokens))
+    L = trace.num_layers
+    nslots = sched.num_slots
+    slot_free = [0.0] * nslots  # GPU time the slot's last reader finishes
+    slot_ready = [0.0] * nslots  # time its last load lands
+    H = G = C = 0.0  # host, compute-stream and copy-stream clocks (ms)
+    bpe = config.memory.bytes_per_expert
+    copy_ms = costs.copy_ms
+    issue_ms = costs.load_issue_ms
+    sync_ms = costs.sync_ms
+    host_pre = costs.host_layer_ms * costs.host_pre_fraction
+    host_post = costs.host_layer_ms - host_pre
+    dense_layers = max(0, costs.num_decoder_layers - L)
+    sched.warm_start_loads()  # before the first token (attach time): costs no step time
+    max_t = max((len(t) for t, _ in steps), default=1)
+    kernel_ms = [costs.kernel(n) for n in range(max_t + 1)]  # one expert at n tokens
+    decode_time = prefill_time = 0.0
+    decode_tokens = prefill_steps = 0
+    decode_stall = 0.0
+    decode_loads = 0
+    keys = ("hits", "misses", "activated", "tokens", "prefetch_issued", "prefetch_used", "dropped_mass")
+    dec = dict.fromkeys(keys, 0.0)
+    counters = sched.counters
+    stall_ms = counters.stall_ms
+    ids_all, w_all, pred_all = trace.ids, trace.weights, trace.pred
+    E = trace.num_experts
+    for tok, kind in steps:
+        T = len(tok)
+        t_start = max(H, G)
+        H = t_start
+        layer_gpu = costs.layer(T)
+        ids_step, w_step = ids_all[tok], w_all[tok]  # [T, L, k]
+        pred_step = pred_all[tok, :, :params_depth].transpose(1, 2, 0, 3) if params_depth else None  # [L, D, T, k]
+        before = counters.sums() if kind == DECODE else None
+        step_stall = 0.0
+        step_loads = 0
+        for m in range(L):
+            H += host_pre
+            G = max(G, H) + layer_gpu
+            H = max(H, G) + sync_ms  # the router ids reach the host
+            ids_m = ids_step[:, m]
+            route = sched.route(m, ids_m, w_step[:, m])
+            if T == 1:
+                counts = None
+            else:
+                counts = np.bincount(ids_m[route.keep], minlength=E)
+            for wave in route.waves:
+                for ld in wave.loads:
+                    H += issue_ms
+                    start = max(C, H, slot_free[ld.slot])
+                    C = start + copy_ms
+                    slot_ready[ld.slot] = C
+                    step_loads += 1
+                ready = max(slot_ready[s] for s in wave.slots)
+                begin = max(G, H)
+                if ready > begin:
+                    step_stall += ready - begin
+                    stall_ms[m] += ready - begin
+                    begin = ready
+                if counts is None:
+                    G = begin + kernel_ms[1] * len(wave.experts)
+                else:
+                    G = begin + sum(kernel_ms[counts[e]] for e in wave.experts)
+                for s in wave.slots:
+                    slot_free[s] = G
+            H += host_post
+            if pred_step is not None:
+                for ld in sched.prefetch(m, pred_step[m], route):
+                    H += issue_ms
+                    start = max(C, H, slot_free[ld.slot])
+                    C = start + copy_ms
+                    slot_ready[ld.slot] = C
+                    step_loads += 1
+        H += dense_layers * costs.host_layer_ms + costs.step_overhead_ms
+        G = max(G, H - costs.step_overhead_ms) + dense_layers * layer_gpu
+        H = max(H, G)  # the next token needs this step's logits
+        elapsed = H - t_start
+        if kind == DECODE:
+            decode_time += elapsed
+            decode_tokens += T
+            decode_stall += step_stall
+            decode_loads += step_loads
+            after = counters.sums()
+            for key in keys:
+                dec[key] += after[key] - before[key]
+        else:
+            prefill_time += elapsed
+            prefill_steps += 1
+    c = counters.totals()
+    lookups = dec["hits"] + dec["misses"]
+    mem = config.memory
+    peak = mem.non_expert_bytes + mem.kv_cache_bytes + mem.workspace_bytes + nslots * bpe
+    dropped = dec["dropped_mass"] / dec["tokens"] if dec["tokens"] else c["dropped_mass_per_token"]
+    metrics = {
+        "decode_tokens_per_s": decode_tokens / (decode_time / 1000.0) if decode_time > 0 else 0.0,
+        "prefill_ms": prefill_time / prefill_steps if prefill_steps else 0.0,
+        "stall_ms_per_token": decode_stall / decode_tokens if decode_tokens else 0.0,
+        "hit_rate": dec["hits"] / lookups if lookups else c["hit_rate"],
+        "bytes_per_token": decode_loads * bpe / decode_tokens if decode_tokens else 0.0,
+        "peak_gpu_bytes": float(peak),
+        "activated_per_token": dec["activated"] / decode_tokens if decode_tokens else 0.0,
+        "dropped_mass_per_token": dropped,
+        "prefetch_precision": dec["prefetch_used"] / dec["prefetch_issued"] if dec["prefetch_issued"] else 0.0,
+    }
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics["quality_loss"] = quality_loss(config.adaptive_k.threshold, dropped, quality_table)
+    return SimResult(metrics=metrics, counters=sched.counters,
+                     timeline={"decode_ms": decode_time, "prefill_ms": prefill_time,
+                               "decode_tokens": float(decode_tokens)})
+
+
+def quality_loss(threshold: float, dropped_mass: float, table: dict[float, float] | None) -> float:
+    """Quality cost of adaptive-k: the measured relative perplexity increase interpolated at
+    `threshold` when a table from real weights exists, else the mean dropped gate mass."""
+    if threshold >= 1.0:
+        return 0.0
+    if not table:
+        return float(dropped_mass)
+    xs = np.array(sorted(table), dtype=np.float64)
+    ys = np.array([table[x] for x in sorted(table)], dtype=np.float64)
+    return float(max(0.0, np.interp(threshold, xs, ys)))
+
+
+def whole_layer_offload(trace: RoutingTrace, costs: Costs, num_experts: int, bytes_per_expert: int,
+                        prompt_tokens: int = 16, max_decode_tokens: int | None = None) -> dict[str, float]:
+    """Reference point: no expert cache; every layer's experts are copied in for every token
+    (what accelerate's offload does), overlapping the copy of layer l+1 with compute of l."""
+    steps = decode_schedule(trace, prompt_tokens, 1, max_decode_tokens)
+    L = trace.num_layers
+    layer_copy = num_experts * costs.copy_ms
+    decode_time = 0.0
+    n = 0
+    for tok, kind in steps:
+        if kind != DECODE:
+            continue
+        T = len(tok)
+        per_layer = max(costs.host_layer_ms, costs.layer(T) + layer_copy)
+        decode_time += L * per_layer + costs.step_overhead_ms
+        n += T
+    tps = n / (decode_time / 1000.0) if decode_time else 0.0
+    return {"decode_tokens_per_s": tps, "hit_rate": 0.0,
+            "stall_ms_per_token": max(0.0, L * (layer_copy - costs.host_layer_ms)),
+            "bytes_per_token": float(L * num_experts * bytes_per_expert)}
+
+
+def predicted_floor_tokens_per_s(costs: Costs, num_layers: int) -> float:
+    """Upper bound with every expert resident (host-bound decode)."""
+    per_token = num_layers * max(costs.host_layer_ms + costs.sync_ms, costs.layer(1)) + costs.step_overhead_ms
+    return 1000.0 / per_token if per_token > 0 else math.inf
