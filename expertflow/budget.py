@@ -104,6 +104,7 @@ class MemoryPlan:
     prefill_chunk_tokens: int = 512
     margin_fraction: float = 0.05
     budget_text: str = ""
+    budget_unit: str = ""  # which unit the text was read in, e.g. "decimal GB = 10^9 bytes"
 
     @property
     def fits_all_experts(self) -> bool:
@@ -124,7 +125,12 @@ class MemoryPlan:
         ]
 
     def describe(self) -> str:
-        lines = [f"memory budget {format_bytes(self.budget_bytes)} ({self.budget_bytes:,} bytes):"]
+        if self.budget_text:
+            read = ParsedSize(self.budget_bytes, self.budget_text, self.budget_unit or "bytes")
+            head = f"memory budget {read.describe()} = {format_bytes(self.budget_bytes)}:"
+        else:
+            head = f"memory budget {format_bytes(self.budget_bytes)} ({self.budget_bytes:,} bytes):"
+        lines = [head]
         for label, value in self.terms():
             lines.append(f"  {label:<22} {format_bytes(value):>12}  ({value:,} bytes)")
         share = self.capacity_experts / max(1, self.total_experts)
@@ -194,14 +200,15 @@ def plan_memory(
     needed = fixed + per_expert
     if parsed.bytes < needed:
         raise BudgetError(
-            f"budget {parsed.text} ({format_bytes(parsed.bytes)}) cannot hold {spec.name}: it needs at "
-            f"least {format_bytes(needed)} (non-expert weights {format_bytes(non_expert)}, KV cache "
+            f"budget too small for {spec.name}: needed at least {format_bytes(needed)} "
+            f"({needed:,} bytes), given {parsed.describe()} = {format_bytes(parsed.bytes)}; needed = "
+            f"non-expert weights {format_bytes(non_expert)}, KV cache "
             f"{format_bytes(kv)} for {max_context_tokens} tokens x batch {max_batch}, workspace "
-            f"{format_bytes(work)}, margin {format_bytes(margin)}, one expert {format_bytes(per_expert)}); "
+            f"{format_bytes(work)}, margin {format_bytes(margin)}, one expert {format_bytes(per_expert)}; "
             "raise --budget or lower --max-context"
         )
     cache_bytes = parsed.bytes - fixed
     capacity = min(total_experts, cache_bytes // per_expert)
     return MemoryPlan(parsed.bytes, non_expert, kv, work, margin, cache_bytes, per_expert,
                       int(capacity), total_experts, max_context_tokens, max_batch,
-                      prefill_chunk_tokens, margin_fraction, parsed.text)
+                      prefill_chunk_tokens, margin_fraction, parsed.text, parsed.unit_meaning)

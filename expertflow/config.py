@@ -199,7 +199,8 @@ class RuntimeConfig(_Strict):
             ok = len(c.priors) == m.num_moe_layers and all(
                 len(row) == m.num_experts and all(v >= 0 and v == v for v in row) for row in c.priors)
             if not ok:
-                raise _cross("cache.priors", f"<{len(c.priors)} rows>",
+                widths = sorted({len(row) for row in c.priors})
+                raise _cross("cache.priors", _Shown(f"{len(c.priors)} rows of lengths {widths}"),
                              f"{m.num_moe_layers} rows of {m.num_experts} non-negative numbers")
         if c.policy == "static" and c.priors is None:
             raise _cross("cache.policy", "static", "static needs cache.priors (from a profile); "
@@ -239,6 +240,13 @@ class RuntimeConfig(_Strict):
         body = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, default_flow_style=None,
                               width=100)
         return SCHEMA_COMMENT.format(v=self.version) + body
+
+
+class _Shown(str):
+    """A summary of a value too large to print; shown as is, without quotes."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 def _cross(key: str, value: Any, allowed: str) -> ValueError:

@@ -145,6 +145,9 @@ _KEYS = {
     "deepseek_v2": ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"),
 }
 
+#: Names transformers versions use in config.json for the routed-expert count.
+_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -369,6 +372,12 @@ def _spec_from_checkpoint(path: Path) -> ModelSpec:
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     experts_key = _KEYS[arch][0]
+    if experts_key not in raw:
+        # Newer transformers save some configs under another name for the expert count (5.24
+        # writes qwen3_moe's `num_experts` as `num_local_experts`); read it under ours.
+        alt = next((k for k in _EXPERT_COUNT_KEYS if k in raw), None)
+        if alt is not None:
+            raw = {(experts_key if k == alt else k): v for k, v in raw.items()}
     if not raw.get(experts_key):
         raise ModelError(
             f"{str(path)!r} has model_type {arch!r} but {experts_key}={raw.get(experts_key)!r}: it has "
