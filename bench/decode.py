@@ -117,6 +117,19 @@ def accelerate_row(model, ids, budget, tokens, label):
             "budget": parse_size(budget).bytes, "modules_on_gpu": on_gpu, "tokens_measured": tokens}
 
 
+def profile_host(model, cfg, ids):
+    import cProfile
+    import pstats
+
+    with offload(model, cfg):
+        greedy_generate(model, ids, 8)
+        prof = cProfile.Profile()
+        prof.enable()
+        greedy_generate(model, ids, 17)
+        prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2-moe")
@@ -127,6 +140,8 @@ def main(argv=None):
     ap.add_argument("--skip-accelerate", action="store_true")
     ap.add_argument("--config", nargs="*", default=[], help="tuned config.yaml files (label = parent dir)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile-host", action="store_true",
+                    help="also print where the host time of 16 ExpertFlow decode steps goes (cProfile)")
     args = ap.parse_args(argv)
     spec = resolve_model(args.model)
     t0 = time.perf_counter()
@@ -145,6 +160,8 @@ def main(argv=None):
         for label, cfg in variants:
             rows.append(ef_row(model, cfg, ids, args.new_tokens, f"{label} @ {budget}", plan.budget_bytes))
             print(rows[-1], flush=True)
+    if args.profile_host:
+        profile_host(model, default_config(spec, plan_memory(spec, args.budgets[0])), ids)
     for path in args.config:
         cfg = load_config(path)
         label = f"ExpertFlow tuned ({Path(path).parent.name}) @ {cfg.memory.budget_text}"

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 BACKEND_NAME = "expertflow"
 TRACE_LOOKAHEAD = 4  # lookahead distances recorded in traces (the simulator's max prefetch depth)
 BATCHED_MM_MAX_PAIRS = 64  # token-expert pairs up to which "auto" uses batched_mm (decode)
+MAX_KERNEL_GROUPS = 1024  # torch grouped_mm's limit on groups
 
 
 def _experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -284,7 +285,6 @@ class OffloadHandle(AbstractContextManager):
         a [T*k, H] buffer and summed over k once at the end, as the kernel itself would: the
         result does not depend on how the experts were split into waves.
         """
-        view = self.views[m]
         T, k = ids_np.shape
         if len(route.waves) == 1:
             wave = route.waves[0]
@@ -292,12 +292,11 @@ class OffloadHandle(AbstractContextManager):
             self._wait(m, wave.slots)
             lut = np.full(self.E, wave.slots[0], dtype=np.int64)
             lut[wave.experts] = wave.slots
-            slot_t = torch.from_numpy(lut[ids_np]).to(self.device, non_blocking=True)  # [T, k]
             if self.params.threshold >= 1.0:
                 w_t = w
             else:
                 w_t = torch.from_numpy(route.weights).to(self.device, dtype=w.dtype, non_blocking=True)
-            out = self._kernel(T * k)(view, h, slot_t, w_t)
+            out = self._run_kernel(m, h, lut[ids_np], w_t)  # slots [T, k]
             self._release(wave.slots)
             return out
         buf = h.new_zeros((T * k, h.shape[-1]))  # weighted output per token-expert pair
@@ -311,14 +310,13 @@ class OffloadHandle(AbstractContextManager):
             lut[wave.experts] = wave.slots
             pairs = np.flatnonzero(flat_keep & (lut[flat_ids] >= 0))  # [P] flat t*k + j
             pairs_t = torch.from_numpy(pairs).to(self.device, non_blocking=True)
-            slot_t = torch.from_numpy(lut[flat_ids[pairs]][:, None]).to(self.device, non_blocking=True)
             w_t = torch.from_numpy(flat_w[pairs][:, None]).to(self.device, dtype=w.dtype, non_blocking=True)
             x = h.index_select(0, pairs_t // k)  # [P, H]
-            buf.index_copy_(0, pairs_t, self._kernel(len(pairs))(view, x, slot_t, w_t))
+            buf.index_copy_(0, pairs_t, self._run_kernel(m, x, lut[flat_ids[pairs]][:, None], w_t))
             self._release(wave.slots)
         return buf.view(T, k, -1).sum(dim=1).to(h.dtype)
 
-    def _kernel(self, pairs: int):
+    def _kernel(self, pairs: int) -> tuple[str, object]:
         from transformers.integrations import moe as tmoe
 
         name = self.config.runtime.experts_kernel
@@ -329,11 +327,36 @@ class OffloadHandle(AbstractContextManager):
                 name = self._kernel_default if self._kernel_default in ("batched_mm", "grouped_mm", "eager") \
                     else "grouped_mm"
         if name == "batched_mm":
-            return tmoe.batched_mm_experts_forward
+            return name, tmoe.batched_mm_experts_forward
         if name == "grouped_mm":
-            return tmoe.grouped_mm_experts_forward
-        eager = type(self.blocks[0].experts).forward.__wrapped__
-        return eager
+            return name, tmoe.grouped_mm_experts_forward
+        return name, type(self.blocks[0].experts).forward.__wrapped__
+
+    def _run_kernel(self, m: int, h: torch.Tensor, slots: np.ndarray, w_t: torch.Tensor) -> torch.Tensor:
+        """transformers' experts kernel over the slot pool; slots [T, k] replace expert ids.
+
+        batched_mm gathers by index, so it sees the whole pool. grouped_mm and eager make one
+        group per "expert" (grouped_mm allows at most 1024), so they see the narrowest window of
+        the pool holding the slots used (a per-layer partition is contiguous), or a compact copy
+        of those slots when a pooled cache scatters them wider.
+        """
+        name, fn = self._kernel(slots.size)
+        if name == "batched_mm":
+            view, idx = self.views[m], slots
+        else:
+            lo, hi = int(slots.min()), int(slots.max()) + 1
+            experts = self.blocks[m].experts
+            if hi - lo <= MAX_KERNEL_GROUPS:
+                view = _PoolView(experts, self.pool_gate_up[lo:hi], self.pool_down[lo:hi])
+                idx = slots - lo
+            else:
+                sel = np.unique(slots)
+                sel_t = torch.from_numpy(sel).to(self.device, non_blocking=True)
+                view = _PoolView(experts, self.pool_gate_up.index_select(0, sel_t),
+                                 self.pool_down.index_select(0, sel_t))
+                idx = np.searchsorted(sel, slots)
+        slot_t = torch.from_numpy(np.ascontiguousarray(idx)).to(self.device, non_blocking=True)
+        return fn(view, h, slot_t, w_t)
 
     def _issue(self, loads) -> None:
         if not loads:
