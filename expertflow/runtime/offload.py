@@ -169,12 +169,21 @@ class OffloadHandle(AbstractContextManager):
         self.pool_down = torch.empty((S, *self.down_shape), dtype=self.dtype, device=self.device)
         self.views = [_PoolView(b.experts, self.pool_gate_up, self.pool_down) for b in self.blocks]
         # Predictor: every MoE layer's gate, stacked, to score the next layers' experts.
-        self.pred_weight = torch.stack([b.router.weight.detach().to(self.device, self.dtype)
-                                        for b in self.blocks])  # [L, E, H]
+        self.pred_weight_t = torch.stack([b.router.weight.detach().to(self.device, self.dtype).t()
+                                          for b in self.blocks]).contiguous()  # [L, H, E]
+        from transformers.integrations import moe as tmoe
+
+        self._fns = {"batched_mm": tmoe.batched_mm_experts_forward,
+                     "grouped_mm": tmoe.grouped_mm_experts_forward,
+                     "eager": type(self.blocks[0].experts).forward.__wrapped__}
+        self._lut_dev = torch.zeros((self.L, self.E), dtype=torch.int64, device=self.device)
+        self._lut_dirty: set[int] = set(range(self.L))
+        self._need_weights = self.recorder is not None or self.params.threshold < 1.0
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device=self.device)
             self.slot_ready = [torch.cuda.Event() for _ in range(S)]
-            self.slot_free: list[torch.cuda.Event | None] = [None] * S
+            self.layer_done = [torch.cuda.Event() for _ in range(self.L)]
+            self.slot_user = [-1] * S  # MoE layer whose experts last read the slot
             self.pending: set[int] = set()
         self._prev_impl = model.get_experts_implementation() if hasattr(model, "get_experts_implementation") \
             else {"": model.config._experts_implementation}
@@ -216,9 +225,11 @@ class OffloadHandle(AbstractContextManager):
             del ex._expertflow
         self.model.set_experts_implementation(self._prev_impl if len(self._prev_impl) > 1
                                               else self._prev_impl.get("") or "grouped_mm")
-        self.pool_gate_up = self.pool_down = None
+        self.pool_gate_up = self.pool_down = self._lut_dev = None
         self.views = []
         self._attached = False
+        if self.cuda:
+            torch.cuda.empty_cache()  # hand the slot pool's memory back
 
     def __exit__(self, *exc) -> None:
         self.detach()
@@ -257,24 +268,25 @@ class OffloadHandle(AbstractContextManager):
     def _layer_forward(self, m: int, h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         T, k = ids.shape
         D = min(self.lookahead, self.L - 1 - m)
-        parts = [ids.reshape(-1).to(torch.float32), w.reshape(-1).to(torch.float32)]
         if D > 0:
-            W = self.pred_weight[m + 1:m + 1 + D]  # [D, E, H]
-            logits = torch.matmul(h.to(W.dtype).unsqueeze(0), W.transpose(1, 2))  # [D, T, E]
-            parts.append(logits.topk(k, dim=-1).indices.reshape(-1).to(torch.float32))  # [D, T, k]
-        host = torch.cat(parts).cpu().numpy()  # the one device->host sync of this layer
-        ids_np = host[:T * k].astype(np.int64).reshape(T, k)
-        w_np = host[T * k:2 * T * k].reshape(T, k)
-        pred_np = host[2 * T * k:].astype(np.int64).reshape(D, T, k) if D > 0 else None
+            logits = torch.matmul(h, self.pred_weight_t[m + 1:m + 1 + D])  # [D, T, E]
+            idx = torch.cat((ids.unsqueeze(0), logits.topk(k, dim=-1).indices))  # [1 + D, T, k]
+        else:
+            idx = ids
+        host = idx.cpu().numpy()  # the one device->host sync of this layer
+        ids_np = host[0] if D > 0 else host  # [T, k]
+        pred_np = host[1:] if D > 0 else None  # [D, T, k]
+        # Weights cross to the host only when a decision or the trace needs them.
+        w_np = w.float().cpu().numpy() if self._need_weights else None
         if self.recorder is not None:
             self.recorder.add_layer(m, ids_np, w_np, pred_np)
         route = self.sched.route(m, ids_np, w_np)
-        out = self._compute(m, route, h, ids_np, w)
+        out = self._compute(m, route, h, ids, ids_np, w)
         if pred_np is not None and self.params.prefetch_depth > 0:
             self._issue(self.sched.prefetch(m, pred_np[:self.params.prefetch_depth], route))
         return out
 
-    def _compute(self, m: int, route: Route, h: torch.Tensor, ids_np: np.ndarray,
+    def _compute(self, m: int, route: Route, h: torch.Tensor, ids: torch.Tensor, ids_np: np.ndarray,
                  w: torch.Tensor) -> torch.Tensor:
         """Run the layer's experts over the slot pool with transformers' own kernel.
 
@@ -290,19 +302,25 @@ class OffloadHandle(AbstractContextManager):
             wave = route.waves[0]
             self._issue(wave.loads)
             self._wait(m, wave.slots)
-            lut = np.full(self.E, wave.slots[0], dtype=np.int64)
-            lut[wave.experts] = wave.slots
             if self.params.threshold >= 1.0:
+                if self._kernel(T * k)[0] == "batched_mm":
+                    # Hot path (decode): expert ids -> slots on the device, no host->device copy.
+                    out = self._fns["batched_mm"](self.views[m], h, self._device_lut(m)[ids], w)
+                    self._release(m, wave.slots)
+                    return out
                 w_t = w
             else:
                 w_t = torch.from_numpy(route.weights).to(self.device, dtype=w.dtype, non_blocking=True)
+            lut = np.full(self.E, wave.slots[0], dtype=np.int64)
+            lut[wave.experts] = wave.slots
             out = self._run_kernel(m, h, lut[ids_np], w_t)  # slots [T, k]
-            self._release(wave.slots)
+            self._release(m, wave.slots)
             return out
         buf = h.new_zeros((T * k, h.shape[-1]))  # weighted output per token-expert pair
         flat_ids = ids_np.reshape(-1)
         flat_keep = route.keep.reshape(-1)
-        flat_w = np.asarray(route.weights, dtype=np.float32).reshape(-1)
+        weights = route.weights if route.weights is not None else w.float().cpu().numpy()
+        flat_w = np.asarray(weights, dtype=np.float32).reshape(-1)
         for wave in route.waves:
             self._issue(wave.loads)
             self._wait(m, wave.slots)
@@ -313,24 +331,25 @@ class OffloadHandle(AbstractContextManager):
             w_t = torch.from_numpy(flat_w[pairs][:, None]).to(self.device, dtype=w.dtype, non_blocking=True)
             x = h.index_select(0, pairs_t // k)  # [P, H]
             buf.index_copy_(0, pairs_t, self._run_kernel(m, x, lut[flat_ids[pairs]][:, None], w_t))
-            self._release(wave.slots)
+            self._release(m, wave.slots)
         return buf.view(T, k, -1).sum(dim=1).to(h.dtype)
 
     def _kernel(self, pairs: int) -> tuple[str, object]:
-        from transformers.integrations import moe as tmoe
-
         name = self.config.runtime.experts_kernel
         if name == "auto":
             if self.cuda:
                 name = "batched_mm" if pairs <= BATCHED_MM_MAX_PAIRS else "grouped_mm"
             else:
-                name = self._kernel_default if self._kernel_default in ("batched_mm", "grouped_mm", "eager") \
-                    else "grouped_mm"
-        if name == "batched_mm":
-            return name, tmoe.batched_mm_experts_forward
-        if name == "grouped_mm":
-            return name, tmoe.grouped_mm_experts_forward
-        return name, type(self.blocks[0].experts).forward.__wrapped__
+                name = self._kernel_default if self._kernel_default in self._fns else "grouped_mm"
+        return name, self._fns[name]
+
+    def _device_lut(self, m: int) -> torch.Tensor:
+        """Layer m's expert -> slot table on the device, refreshed only after loads into m."""
+        if m in self._lut_dirty:
+            row = [max(s, 0) for s in self.sched.slot_of[m]]
+            self._lut_dev[m].copy_(torch.tensor(row, dtype=torch.int64), non_blocking=True)
+            self._lut_dirty.discard(m)
+        return self._lut_dev[m]
 
     def _run_kernel(self, m: int, h: torch.Tensor, slots: np.ndarray, w_t: torch.Tensor) -> torch.Tensor:
         """transformers' experts kernel over the slot pool; slots [T, k] replace expert ids.
@@ -361,6 +380,8 @@ class OffloadHandle(AbstractContextManager):
     def _issue(self, loads) -> None:
         if not loads:
             return
+        for ld in loads:
+            self._lut_dirty.add(ld.layer)
         if not self.cuda:
             for ld in loads:
                 self.pool_gate_up[ld.slot].copy_(self.host_gate_up[ld.layer][ld.expert])
@@ -369,9 +390,9 @@ class OffloadHandle(AbstractContextManager):
             return
         with torch.cuda.stream(self.copy_stream):
             for ld in loads:
-                free = self.slot_free[ld.slot]
-                if free is not None:
-                    self.copy_stream.wait_event(free)  # the slot's last reader is done
+                user = self.slot_user[ld.slot]
+                if user >= 0:  # the slot's last reader (a layer's experts) must be done
+                    self.copy_stream.wait_event(self.layer_done[user])
                 self.pool_gate_up[ld.slot].copy_(self.host_gate_up[ld.layer][ld.expert], non_blocking=True)
                 self.pool_down[ld.slot].copy_(self.host_down[ld.layer][ld.expert], non_blocking=True)
                 self.slot_ready[ld.slot].record(self.copy_stream)
@@ -396,13 +417,17 @@ class OffloadHandle(AbstractContextManager):
         if len(self._stall_events) > 4096:
             self._resolve_stalls()
 
-    def _release(self, slots: list[int]) -> None:
+    def _release(self, m: int, slots: list[int]) -> None:
+        """Mark `slots` as read by layer m's experts, which end at layer_done[m].
+
+        Re-recording layer_done[m] later only moves it later in the compute stream, so a copy
+        that waits on it never overwrites a slot still being read (it may wait a little longer).
+        """
         if not self.cuda:
             return
-        ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(self.device))
+        self.layer_done[m].record(torch.cuda.current_stream(self.device))
         for s in slots:
-            self.slot_free[s] = ev
+            self.slot_user[s] = m
 
     def _resolve_stalls(self) -> None:
         if not self._stall_events:
