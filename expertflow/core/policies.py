@@ -73,14 +73,18 @@ class ExpertStats:
     def record_access(self, layer: int, experts: list[int], now: int) -> None:
         self.visits[layer] += 1
         v = int(self.visits[layer])
-        la, cnt, ema, at, pred = self.last_access, self.count, self._ema, self._ema_at, self.predicted
+        la, cnt, ema, at = self.last_access[layer], self.count[layer], self._ema[layer], self._ema_at[layer]
         d, gain = self.decay, 1.0 - self.decay
-        pred[layer] = False  # predictions were for this visit: they have served their purpose
-        for e in experts:  # scalar numpy access beats fancy indexing for k <= ~16
-            la[layer, e] = now
-            cnt[layer, e] += 1
-            ema[layer, e] = ema[layer, e] * d ** (v - at[layer, e]) + gain
-            at[layer, e] = v
+        self.predicted[layer] = False  # predictions were for this visit: they have served their purpose
+        for e in experts:  # row views + scalar access beat fancy indexing for k <= ~16
+            la[e] = now
+            cnt[e] += 1
+            ema[e] = float(ema[e]) * d ** (v - int(at[e])) + gain
+            at[e] = v
+
+    def ema_row(self, layer: int) -> np.ndarray:
+        """Decayed access frequency of one layer's experts [E], as of now."""
+        return self._ema[layer] * np.power(self.decay, self.visits[layer] - self._ema_at[layer])
 
     def ema(self) -> np.ndarray:
         """Decayed access frequency [L, E] as of now."""
@@ -164,9 +168,13 @@ class ExpertFlowPolicy(EvictionPolicy):
 
     def scores(self, layers, experts, now):
         s = self.stats
-        ema = s.ema()
-        ema_max = np.maximum(ema.max(axis=1), 1e-12)[layers]
-        freq = 0.5 * (s._prior_norm[layers, experts] + ema[layers, experts] / ema_max)
+        if layers[0] == layers[-1] and (layers == layers[0]).all():  # one layer's partition
+            row = s.ema_row(int(layers[0]))
+            ema_e = row[experts] / max(row.max(), 1e-12)
+        else:
+            ema = s.ema()
+            ema_e = ema[layers, experts] / np.maximum(ema.max(axis=1), 1e-12)[layers]
+        freq = 0.5 * (s._prior_norm[layers, experts] + ema_e)
         last = s.last_access[layers, experts]
         age = np.where(last >= 0, (now - last) / self.steps_per_token, 1e9)
         recency = np.power(s.decay, np.minimum(age, 1e4))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,8 +28,7 @@ from .counters import Counters
 from .policies import ExpertStats, make_policy
 
 
-@dataclass(frozen=True)
-class Load:
+class Load(NamedTuple):
     """Copy expert `expert` of MoE layer `layer` into GPU slot `slot`, evicting `evicted`."""
 
     layer: int
