@@ -36,7 +36,8 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", default="h200", help="bundle name (default h200)")
-    ap.add_argument("--models", nargs="+", default=list(REAL_MODELS), help="registry aliases")
+    ap.add_argument("--models", nargs="+", default=list(REAL_MODELS),
+                    help="registry aliases or checkpoint directories (default: the real aliases)")
     ap.add_argument("--root", default=None, help="bundle root (default tuner/data/hardware)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke test of this script)")
     ap.add_argument("--json", default=None, help="also write the summary rows to this JSON file")
@@ -62,7 +63,8 @@ def main(argv=None) -> int:
                              pinned_1gib_gbps=gib)
         bpe = spec.bytes_per_expert(dtype)
         summary = timing_summary(res.tables, bpe)
-        save_bundled(args.name, alias, fingerprint=spec.fingerprint, dtype=dtype, bytes_per_expert=bpe,
+        key = Path(alias).name if spec.checkpoint else alias  # a checkpoint is found by fingerprint
+        save_bundled(args.name, key, fingerprint=spec.fingerprint, dtype=dtype, bytes_per_expert=bpe,
                      hardware=hw, timing={"kind": res.kind, "note": res.note}, summary=summary,
                      tables=res.tables, root=root)
         dt = time.perf_counter() - t0
@@ -74,13 +76,14 @@ def main(argv=None) -> int:
           f"{hw.get('gpu_name')} (PCIe gen {hw.get('pcie_generation')} x{hw.get('pcie_width')}, "
           f"driver {hw.get('driver_version')}, CUDA {hw.get('cuda_version')})")
     head = (f"{'model':<18}{'s':>6}{'MiB/exp':>9}{'copy ms':>9}{'pin GB/s':>9}{'1GiB':>7}"
-            f"{'page GB/s':>10}{'kern ms':>9}{'layer ms':>9}{'dec/layer':>10}{'sync ms':>9}")
+            f"{'page GB/s':>10}{'kern ms':>9}{'layer ms':>9}{'dec/layer':>10}{'step+':>8}{'sync ms':>9}")
     print(head)
     for r in rows:
         print(f"{r['model']:<18}{r['seconds']:>6.1f}{r['bytes_per_expert'] / 2**20:>9.1f}"
               f"{r['expert_copy_ms']:>9.3f}{r['expert_pinned_gbps']:>9.1f}{r['pinned_1gib_gbps']:>7.1f}"
               f"{r['expert_pageable_gbps']:>10.1f}{r['expert_kernel_ms']:>9.3f}{r['layer_ms']:>9.3f}"
-              f"{r.get('decode_layer_ms', float('nan')):>10.3f}{r.get('sync_ms', float('nan')):>9.3f}")
+              f"{r.get('decode_layer_ms', float('nan')):>10.3f}{r.get('step_overhead_ms', float('nan')):>8.2f}"
+              f"{r.get('sync_ms', float('nan')):>9.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"hardware": hw, "rows": rows, "seconds": total}, indent=1))
     return 0

@@ -1,0 +1,188 @@
+"""`ef-profile`: measure a MoE model's routing and this machine's costs into a profile directory
+(tuner/profile.py format) that `ef-tune`, the simulator and the report read.
+
+    from tuner.profiler import run_profile
+    profile = run_profile("qwen2-moe", out="prof/")        # -> tuner.profile.Profile
+
+Stages: prompts -> routing trace (real: the model's router with the runtime attached;
+synthetic: tuner.synthetic, calibrated per family, whenever there are no trained weights) ->
+activation statistics (tuner.stats) -> timing on the device (profiler.timing) or a bundled GPU
+profile (profiler.bundled) -> hardware facts (profiler.hardware) -> profile.yaml + tables.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from expertflow.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["cli_profile", "profile_summary", "run_profile"]
+
+ROUTING_KINDS = ("auto", "real", "synthetic")
+
+
+def _routing_note(kind: str, spec, n_prompts: int, n_tokens: int, params=None, targets=None) -> str:
+    if kind == "synthetic":
+        return (f"SYNTHETIC routing: {spec.name} has no trained weights here, so the routing trace "
+                f"({n_tokens} tokens, sized to {n_prompts} prompts) comes from ExpertFlow's synthetic "
+                f"generator (preset {params.preset}, calibrated to {targets.source}). Hit rates, "
+                "prefetch accuracy and quality estimates rest on this generator, not on the model's "
+                "own router.")
+    if spec.has_weights:
+        return (f"real routing: the trained router of {spec.name} over {n_prompts} prompts "
+                f"({n_tokens} tokens).")
+    return (f"real router of RANDOM weights: {spec.name} has no trained weights here, so this trace "
+            f"({n_prompts} prompts, {n_tokens} tokens) shows how a randomly initialised router "
+            "routes, not a trained model; use it for smoke tests, not for tuning.")
+
+
+def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | None = None,
+                device: str = "auto", routing: str = "auto", max_tokens: int | None = None,
+                quick: bool = False, seed: int = 0, hardware: str | None = None,
+                dtype: str | None = None, progress: bool = True):
+    """Profile `model` (alias, checkpoint dir or ModelSpec); save to `out` when given; return
+    the Profile.
+
+    hardware: None = measure timing on `device`; a bundled name (e.g. "h200") = take timing and
+    hardware facts from that bundle (DataError when it is missing for this model).
+    Raises ModelError, DataError, DeviceError, ConfigError (one line each).
+    """
+    from expertflow.config import now_iso, tool_version
+    from expertflow.registry import ModelSpec, resolve_model
+    from expertflow.runtime.loading import resolve_device
+
+    from .. import stats, synthetic
+    from ..profile import Profile, new_profile_id
+    from . import activation
+    from .progress import Reporter
+
+    if routing not in ROUTING_KINDS:
+        raise ConfigError(f"routing {routing!r} is not one of {', '.join(ROUTING_KINDS)}")
+    t_start = time.perf_counter()
+    spec = model if isinstance(model, ModelSpec) else resolve_model(model)
+    dev = resolve_device(device)
+    dt = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
+    texts = activation.load_prompts(prompts)
+    tokens = activation.tokenize_prompts(spec, texts, max_tokens)
+    kind = routing if routing != "auto" else ("real" if spec.has_weights else "synthetic")
+    n_tokens = int(sum(len(t) for t in tokens))
+    timings: dict[str, float] = {}
+    bundle = None
+    if hardware is not None:  # fail fast, before minutes of routing, when the bundle is missing
+        from .bundled import load_bundled
+
+        bundle = load_bundled(hardware, spec)
+    with Reporter(progress) as rep:
+        t0 = time.perf_counter()
+        params = targets = None
+        if kind == "real":
+            trace = activation.record_routing(spec, tokens, device=dev, dtype=dt, seed=seed, progress=rep)
+        else:
+            task = rep.task("routing (synthetic)", 1)
+            family = synthetic.family_of(spec.architecture)
+            targets = synthetic.PRESETS[family]
+            params = synthetic.preset_params(family, num_layers=spec.num_moe_layers,
+                                             num_experts=spec.num_experts, top_k=spec.top_k,
+                                             normalize_topk=spec.norm_topk_prob)
+            trace = synthetic.generate(params, activation.token_counts(tokens), seed=seed,
+                                       meta={"fingerprint": spec.fingerprint, "model": spec.name,
+                                             "normalize_topk": spec.norm_topk_prob})
+            task.advance()
+        tables = stats.routing_tables(trace)
+        routing_stats = stats.routing_summary(trace)
+        timings["routing"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if bundle is not None:
+            hw, timing_tables = bundle
+            timing_dtype = hw.get("bundle_dtype") or "bfloat16"
+            timing = {"kind": f"bundled:{hardware}",
+                      "note": (f"timing bundled with ExpertFlow, measured on {hw.get('gpu_name')} "
+                               f"({hw.get('bundle_created_at')}), not on this machine: "
+                               f"{hw.get('bundle_timing_note') or ''}").strip()}
+        else:
+            from .hardware import collect_hardware
+            from .timing import measure_timing
+
+            res = measure_timing(spec, device=dev, dtype=dt, quick=quick, seed=seed, progress=rep)
+            timing_tables, timing, timing_dtype = res.tables, {"kind": res.kind, "note": res.note}, dt
+            hw = collect_hardware(dev)
+        timings["timing"] = time.perf_counter() - t0
+
+    from .timing import timing_summary
+
+    bpe = spec.bytes_per_expert(timing_dtype)
+    summary = timing_summary(timing_tables, bpe)
+    summary.update({
+        "top25_traffic_share_mean": round(sum(routing_stats["top25_traffic_share"]) /
+                                          len(routing_stats["top25_traffic_share"]), 4),
+        "lru_hit_25_mean": round(sum(routing_stats["lru_hit_25"]) / len(routing_stats["lru_hit_25"]), 4),
+    })
+    if "predictor_recall" in routing_stats and 1 in routing_stats["predictor_recall"]:
+        summary["predictor_recall_d1"] = routing_stats["predictor_recall"][1]
+    label = f"bundled-{hardware}" if hardware else (hw.get("gpu_name") or dev.type)
+    timings["total"] = time.perf_counter() - t_start
+    meta = {
+        "version": 1,
+        "profile_id": new_profile_id(spec.name, label),
+        "created_at": now_iso(),
+        "tool_version": tool_version(),
+        "model": {"name": spec.name, "architecture": spec.architecture, "fingerprint": spec.fingerprint,
+                  "dims": spec.dims(), "dtype": timing_dtype, "bytes_per_expert": bpe,
+                  "has_weights": spec.has_weights},
+        "hardware": hw,
+        "routing": {"kind": kind, "tokens": n_tokens, "prompts": len(tokens),
+                    "source": str(prompts) if prompts else "embedded default prompt set",
+                    "tokenizer": activation.tokenizer_kind(spec),
+                    "note": _routing_note(kind, spec, len(tokens), n_tokens, params, targets),
+                    "synthetic": params.as_dict() if params is not None else None,
+                    "synthetic_targets": targets.source if targets is not None else None,
+                    "stats": routing_stats},
+        "timing": timing,
+        "summary": summary,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+    profile = Profile(meta=meta, trace=trace, tables={**tables, **timing_tables})
+    if out is not None:
+        profile.save(out)
+        log.info("profile %s written to %s", profile.profile_id, out)
+    return profile
+
+
+def profile_summary(profile) -> dict:
+    """The `--json` object: where, what, and the headline numbers."""
+    m = profile.meta
+    return {"profile_dir": str(Path(profile.path).resolve()) if profile.path else None,
+            "profile_id": profile.profile_id, "model": m["model"]["name"],
+            "fingerprint": m["model"]["fingerprint"], "device": m["hardware"].get("device"),
+            "gpu_name": m["hardware"].get("gpu_name"), "hardware_source": m["hardware"].get("source"),
+            "routing": m["routing"]["kind"], "routing_note": m["routing"]["note"],
+            "timing": m["timing"]["kind"], "tokens": m["routing"]["tokens"],
+            "summary": m["summary"], "elapsed_s": m["timings_s"]["total"]}
+
+
+def cli_profile(args) -> int:
+    """Handler of `ef-profile` (tuner/cli.py builds the parser)."""
+    profile = run_profile(args.model, out=args.out, prompts=args.prompts, device=args.device,
+                          routing=args.routing, max_tokens=args.max_tokens, quick=args.quick,
+                          seed=args.seed)
+    s = profile_summary(profile)
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    h = s["summary"]
+    print(f"profile {s['profile_id']} written to {s['profile_dir']} ({s['elapsed_s']:.1f} s)")
+    print(f"routing: {s['routing']} - {s['routing_note']}")
+    print(f"timing: {s['timing']} on {s['gpu_name'] or s['device']}")
+    print(f"  host->device pinned {h['pinned_gbps']:.1f} GB/s (1 GiB copy {h.get('pinned_1gib_gbps', 0):.1f}), "
+          f"pageable {h['pageable_gbps']:.1f} GB/s; one expert {h['expert_copy_ms']:.3f} ms")
+    print(f"  expert kernel {h['expert_kernel_ms']:.3f} ms at 1 token; layer (non-expert) "
+          f"{h['layer_ms']:.3f} ms; decode per MoE layer {h.get('decode_layer_ms', float('nan')):.3f} ms")
+    print(f"  busiest 25% of experts carry {h['top25_traffic_share_mean']:.0%} of traffic; LRU hit at "
+          f"25% capacity {h['lru_hit_25_mean']:.0%}")
+    return 0
