@@ -9,11 +9,16 @@ stream, and the host, which at batch-1 decode is the bottleneck (anchors.md: ~14
 The timeline per MoE layer visit mirrors `expertflow.runtime.offload` step by step:
 
     host  : launch the non-expert part (host_pre) -> sync on the router ids (waits for the GPU)
-            -> decide -> issue demand loads -> launch experts -> issue prefetches
+            -> decide -> issue demand loads -> launch experts -> issue prefetches (host_post)
     copy  : FIFO; a load starts when issued, the copy stream is free, and the slot's previous
             reader has finished; it takes copy_ms(bytes_per_expert)
-    gpu   : non-expert part (layer_ms(T)), then per wave: wait for the wave's loads (stall),
-            run the experts (expert_kernel_ms(tokens per expert) each)
+    gpu   : runs the non-expert kernels as they are launched (it finishes with the host's last
+            launch unless it has a backlog: prefill, or experts stalled on copies), then per
+            wave waits for the wave's loads (stall) and runs the experts
+
+At batch-1 decode the host is the bottleneck (host_layer_ms, measured on the real runtime, is
+the wall time per layer with every expert resident) and the profile's layer/kernel tables are
+launch-bound, so only `gpu_share_decode` of them is GPU time.
 
 Torch-free. Same trace + same config => the same hit/miss/prefetch counts as the runtime
 (tests/tuner/test_sim_runtime_contract.py).
@@ -48,6 +53,13 @@ class Costs:
     load_issue_ms: float = 0.02  # host cost of issuing one expert copy (2 copies + event)
     step_overhead_ms: float = 0.0  # per forward step: embeddings, LM head, sampling, generate()
     num_decoder_layers: int = 0  # dense layers add host_layer_ms each (no experts)
+    # At decode the profile's layer/kernel tables are launch-bound wall times: the GPU executes
+    # only a share of them (the rest is the host launching, already in host_layer_ms).
+    # anchors.md: ~7 ms of GPU kernels per ~25-50 ms decode step at batch 1.
+    gpu_share_decode: float = 0.25
+    decode_tokens_max: int = 8  # steps of at most this many tokens count as decode
+    predictor_host_ms: float = 0.09  # per layer with prefetch on: matmul + top-k + concat
+    adaptive_host_ms: float = 0.15  # per layer with adaptive-k: weights to host + upload
 
     @staticmethod
     def _interp(table, x: float) -> float:
@@ -60,11 +72,17 @@ class Costs:
             return float(max(0.0, ys[-1] + slope * (x - xs[-1])))
         return float(np.interp(x, xs, ys))
 
-    def layer(self, tokens: int) -> float:
-        return self._interp(self.layer_ms, tokens)
+    def _gpu_share(self, step_tokens: int) -> float:
+        return self.gpu_share_decode if step_tokens <= self.decode_tokens_max else 1.0
 
-    def kernel(self, tokens: int) -> float:
-        return self._interp(self.kernel_ms, tokens)
+    def layer(self, tokens: int) -> float:
+        """GPU time of one layer's non-expert part for a step of `tokens` tokens."""
+        return self._interp(self.layer_ms, tokens) * self._gpu_share(tokens)
+
+    def kernel(self, tokens: int, step_tokens: int | None = None) -> float:
+        """GPU time of one expert's FFN over `tokens` tokens (in a step of `step_tokens`)."""
+        share = self._gpu_share(tokens if step_tokens is None else step_tokens)
+        return self._interp(self.kernel_ms, tokens) * share
 
     @classmethod
     def from_profile(cls, profile, bytes_per_expert: int, num_decoder_layers: int = 0) -> Costs:
@@ -81,6 +99,9 @@ class Costs:
             load_issue_ms=profile.runtime_value("load_issue_ms", default=0.02),
             step_overhead_ms=profile.runtime_value("step_overhead_ms", default=0.0),
             num_decoder_layers=num_decoder_layers,
+            gpu_share_decode=profile.runtime_value("gpu_share_decode", default=0.25),
+            predictor_host_ms=profile.runtime_value("predictor_host_ms", default=0.09),
+            adaptive_host_ms=profile.runtime_value("adaptive_host_ms", default=0.15),
         )
 
 
@@ -160,7 +181,10 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
     dense_layers = max(0, costs.num_decoder_layers - L)
     sched.warm_start_loads()  # before the first token (attach time): costs no step time
     max_t = max((len(t) for t, _ in steps), default=1)
-    kernel_ms = [costs.kernel(n) for n in range(max_t + 1)]  # one expert at n tokens
+    kernel_decode = costs.kernel(1, 1)  # one expert, one token, in a decode step
+    kernel_ms = [costs.kernel(n, max_t) for n in range(max_t + 1)]  # one expert at n tokens (prefill)
+    extra_host = ((costs.predictor_host_ms if params.prefetch_depth > 0 else 0.0)
+                  + (costs.adaptive_host_ms if config.adaptive_k.threshold < 1.0 else 0.0))
     decode_time = prefill_time = 0.0
     decode_tokens = prefill_steps = 0
     decode_stall = 0.0
@@ -182,8 +206,10 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
         step_stall = 0.0
         step_loads = 0
         for m in range(L):
-            H += host_pre
-            G = max(G, H) + layer_gpu
+            H += host_pre + extra_host
+            # The GPU runs the layer's kernels as they are launched over host_pre: it ends at the
+            # host's last launch unless it had a backlog (prefill, or a stall) to work off.
+            G = max(G + layer_gpu, H)
             H = max(H, G) + sync_ms  # the router ids reach the host
             ids_m = ids_step[:, m]
             route = sched.route(m, ids_m, w_step[:, m])
@@ -205,7 +231,7 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
                     stall_ms[m] += ready - begin
                     begin = ready
                 if counts is None:
-                    G = begin + kernel_ms[1] * len(wave.experts)
+                    G = begin + kernel_decode * len(wave.experts)
                 else:
                     G = begin + sum(kernel_ms[counts[e]] for e in wave.experts)
                 for s in wave.slots:
@@ -219,7 +245,7 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
                     slot_ready[ld.slot] = C
                     step_loads += 1
         H += dense_layers * costs.host_layer_ms + costs.step_overhead_ms
-        G = max(G, H - costs.step_overhead_ms) + dense_layers * layer_gpu
+        G = max(G + dense_layers * layer_gpu, H - costs.step_overhead_ms)
         H = max(H, G)  # the next token needs this step's logits
         elapsed = H - t_start
         if kind == DECODE:

@@ -32,18 +32,20 @@ def trace_of(experts, kinds):
 
 
 COSTS = Costs(copy_ms=2.0, layer_ms=((1, 0.5),), kernel_ms=((1, 0.25),), host_layer_ms=1.0,
-              host_pre_fraction=0.5, sync_ms=0.0, load_issue_ms=0.0, step_overhead_ms=0.0)
+              host_pre_fraction=0.5, sync_ms=0.0, load_issue_ms=0.0, step_overhead_ms=0.0,
+              gpu_share_decode=1.0, predictor_host_ms=0.0, adaptive_host_ms=0.0)
 
 
 def test_hit_and_miss_costs_by_hand():
-    # Per decode step, one layer: host 0.5 -> GPU layer 0.5 (ends at 1.0) -> sync; a miss
-    # copies 2.0 ms (lands at 3.0) so the expert (0.25) runs 3.0..3.25, then host_post 0.5.
-    # Step time = max(host 1.0 + 0.5, gpu 3.25) = 3.25 ms (miss) vs 1.5 ms (hit: GPU ends 1.25).
+    # One layer, host 0.5 ms before the router sync and 0.5 after. The GPU runs the layer's 0.5 ms
+    # of kernels as they are launched, so a hit step takes the host's 1.0 ms (the expert's 0.25
+    # ms runs during host_post). A miss copies for 2.0 ms from the sync: the expert runs at
+    # +2.5..+2.75 and the host waits for it at the step's end: 2.75 ms.
     tr = trace_of([0, 0, 1, 1], [PREFILL, DECODE, DECODE, DECODE])
     res = simulate(tr, COSTS, one_layer_config(capacity=1), schedule="recorded")
-    # decode: hit (1.5), miss (3.25), hit (1.5) -> 3 tokens in 6.25 ms
-    assert res.timeline["decode_ms"] == pytest.approx(6.25)
-    assert res.metrics["decode_tokens_per_s"] == pytest.approx(3 / 6.25e-3)
+    # decode: hit (1.0), miss (2.75), hit (1.0) -> 3 tokens in 4.75 ms
+    assert res.timeline["decode_ms"] == pytest.approx(4.75)
+    assert res.metrics["decode_tokens_per_s"] == pytest.approx(3 / 4.75e-3)
     assert res.metrics["stall_ms_per_token"] == pytest.approx(2.0 / 3)
     assert res.metrics["hit_rate"] == pytest.approx(2 / 3)
     assert res.metrics["bytes_per_token"] == pytest.approx(1000 / 3)
@@ -55,3 +57,15 @@ def test_decode_schedule_rebatches_prompt_then_one_token_steps():
     steps = decode_schedule(tr, prompt_tokens=2)
     assert [len(t) for t, _ in steps] == [2, 1, 1, 1, 1]
     assert [k for _, k in steps] == [PREFILL] + [DECODE] * 4
+
+
+def test_decode_gpu_share_and_host_extras_by_hand():
+    # gpu_share 0.5: GPU layer 0.25, expert 0.125, both hidden behind the host. Decode steps all
+    # hit: host_pre 0.5 + predictor 0.2, sync, host_post 0.5 -> 1.2 ms per step.
+    import dataclasses
+
+    costs = dataclasses.replace(COSTS, gpu_share_decode=0.5, predictor_host_ms=0.2)
+    tr = trace_of([0, 0, 0, 0], [PREFILL, DECODE, DECODE, DECODE])
+    cfg = one_layer_config(capacity=4, depth=1)
+    res = simulate(tr, costs, cfg, schedule="recorded")
+    assert res.timeline["decode_ms"] == pytest.approx(3 * 1.2)
