@@ -53,8 +53,9 @@ def build_tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-space", default=None,
                    help="search-space YAML (default: search_spaces/<model>.yaml or default.yaml)")
     p.add_argument("--max-quality-loss", type=float, default=None,
-                   help="cap on quality loss of adaptive-k: mean dropped gate mass per token, or "
-                        "relative perplexity increase when weights are present (e.g. 0.02)")
+                   help="cap on quality loss of adaptive-k: relative perplexity increase when "
+                        "weights are present, else mean dropped gate mass per token (default 0.02; "
+                        "0 = exact top-k only)")
     p.add_argument("--max-context", type=int, default=4096, help="KV-cache tokens to reserve (default 4096)")
     p.add_argument("--max-batch", type=int, default=1, help="sequences per batch to reserve for (default 1)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in --out)")
@@ -63,6 +64,9 @@ def build_tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                    help="device for profiling and validation (default: cuda if present)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="study worker processes sharing the storage (default 1; more pays with a "
+                        "server storage such as PostgreSQL, not with SQLite)")
     p.add_argument("--no-validate", action="store_true", help="skip validation on the real runtime")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     p.add_argument("--json", action="store_true",

@@ -1,0 +1,483 @@
+"""`ef-tune`: profile (or reuse a profile), tune, validate, export, report.
+
+    tune(model, budget, ...) -> TuneResult     the library function
+    cli_tune(args) -> int                      the handler `ef-tune` calls (tuner/cli.py)
+
+Steps, each a small function below: resolve the model and plan the memory budget (BudgetError
+propagates); get a profile (`--profile DIR`, the output folder's own on `--resume`, else the
+profiler: this GPU when there is one, else the bundled hardware tables, `h200` by default,
+and the output says so); the quality side of adaptive-k (measured perplexity with real
+weights, else the trace's dropped gate mass); the Optuna study over the simulator; the choice
+(fastest feasible trial within the quality cap, re-simulated on a longer slice; with real
+weights its quality is measured for real and a config over the cap is passed over);
+references; validation on the GPU; config.yaml; tuning.json; report.html.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from expertflow.errors import ConfigError, DataError, ModelError
+
+from . import export, quality
+from .study import (
+    LRU_BASELINE,
+    StudyContext,
+    baseline_values,
+    completed_trials,
+    evaluate,
+    feasible,
+    pareto_front,
+    run_study,
+    sqlite_url,
+    trial_config,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUALITY_CAP = 0.02  # 2% relative perplexity increase, or 2% of the top-k gate mass
+DEFAULT_HARDWARE = "h200"
+STUDY_DECODE_TOKENS = 128  # trace slice each trial simulates (decode tokens)
+FINAL_DECODE_TOKENS = 512  # the finalists and references are re-simulated on this slice
+FINALISTS = 3
+QUALITY_PROMPTS = 64  # prompts the quality table is measured on (real weights)
+VALIDATE_TOKENS = 128  # decode tokens measured per validated config
+
+
+@dataclass
+class TuneResult:
+    out_dir: Path
+    config_path: Path
+    report_path: Path | None
+    tuning: dict[str, Any]
+    config: Any
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def predicted(self) -> dict[str, float]:
+        return self.tuning["chosen"]["predicted"]
+
+
+def default_out_dir(spec, budget_text: str) -> Path:
+    name = Path(spec.name).name if spec.checkpoint else spec.name
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "", f"{name}-{budget_text}")
+    return Path("ef-out") / safe
+
+
+def _gpu_here(device: str) -> bool:
+    if device == "cpu":
+        return False
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return bool(torch.cuda.is_available())
+
+
+# ---- profile ----------------------------------------------------------------------------------
+def get_profile(spec, out_dir: Path, *, profile_dir=None, resume: bool, hardware: str | None,
+                device: str, prompts=None, seed: int = 0, notes: list[str]):
+    """(Profile, its directory). Reuse `profile_dir`, or the output folder's profile on
+    resume, else run the profiler into out_dir/profile."""
+    from .profile import Profile
+
+    target = out_dir / "profile"
+    own = target if resume and (target / "profile.yaml").is_file() else None
+    src = Path(profile_dir) if profile_dir else own
+    if src is not None:
+        prof = Profile.load(src)
+        notes.append(f"profile reused from {src}")
+    else:
+        try:
+            from .profiler import run_profile
+        except ImportError as exc:  # the profiler package is optional in a source checkout
+            raise DataError(f"the profiler is not available here ({exc}); pass --profile DIR "
+                            "(a profile from ef-profile)") from None
+        gpu = _gpu_here(device)
+        hw = hardware or (None if gpu else DEFAULT_HARDWARE)
+        if hw is not None and not hardware:
+            notes.append(f"no GPU here: timing from the bundled '{hw}' hardware tables "
+                         "(pass --hardware NAME for another GPU)")
+        try:
+            prof = run_profile(spec, target, device="cuda" if gpu and hw is None else "cpu",
+                               hardware=hw, prompts=prompts, seed=seed)
+        except DataError as exc:
+            if hardware or hw is None or "bundled" not in str(exc):
+                raise
+            notes[-1] = (f"no GPU here and no bundled '{hw}' timing for {spec.name}: timing measured "
+                         "on this CPU, so predicted speeds are this CPU's, not a GPU's")
+            log.info("%s", exc)
+            prof = run_profile(spec, target, device="cpu", prompts=prompts, seed=seed, quick=True)
+        src = target
+    if prof.fingerprint != spec.fingerprint:
+        raise ModelError(f"profile {str(src)!r} was made for {prof.meta['model'].get('name')!r} "
+                         f"(fingerprint {prof.fingerprint}) not {spec.name!r} ({spec.fingerprint}); "
+                         "profile this model or pass its own --profile")
+    if hardware and not str(prof.meta["hardware"].get("source", "")).endswith(hardware) and profile_dir:
+        notes.append(f"--hardware {hardware} ignored: the given profile has hardware "
+                     f"{prof.meta['hardware'].get('source')}")
+    if prof.routing_kind == "synthetic":
+        notes.append("SYNTHETIC routing: no trained weights, so expert choices come from the "
+                     "calibrated generator, not from this model's router")
+    return prof, src
+
+
+# ---- quality ----------------------------------------------------------------------------------
+def quality_side(spec, prof, space, *, cap: float | None, prompts=None, device: str,
+                 notes: list[str], n_prompts: int = QUALITY_PROMPTS, progress: bool = True) -> dict[str, Any]:
+    """{'metric', 'cap', 'table', 'tables' (renormalize -> {threshold: loss}) | None,
+    'prompt_ids'} for the study and tuning.json."""
+    out: dict[str, Any] = {"metric": "dropped_mass", "cap": cap, "table": None, "tables": None,
+                           "prompt_ids": None}
+    thr = space.params.get("adaptive_k.threshold")
+    ths = set(quality.THRESHOLDS)
+    if thr is not None and thr.type == "float" and thr.step and len(thr.grid(64)) <= 11:
+        ths |= {float(x) for x in thr.grid(64)}  # measure exactly at the searched points
+    ths = sorted(t for t in ths if 0 < t <= 1)
+    ids = None
+    if spec.has_weights and spec.checkpoint and thr is not None:
+        try:
+            ids = quality.prompt_ids(spec, prompts, n_prompts=n_prompts)
+        except DataError as exc:
+            notes.append(f"quality not measured ({exc}); quality is the trace's dropped gate mass")
+        if ids:
+            dev = "cuda" if _gpu_here(device) else "cpu"
+            dtype = "bfloat16" if dev == "cuda" else "float32"
+            renorms = [False, True] if "adaptive_k.renormalize" in space else [False]
+            tables = {}
+            rows = None
+            for r in renorms:
+                t = quality.measure_quality(spec, ths, prompts=ids, device=dev, dtype=dtype,
+                                            renormalize=r, progress=progress)
+                tables[r] = t.loss_table()
+                rows = rows or t.as_dicts()
+            out.update(metric="perplexity_increase", table=rows, tables=tables, prompt_ids=ids,
+                       device=dev, dtype=dtype)
+            return out
+    out["table"] = quality.dropped_mass_table(prof.trace, ths)
+    return out
+
+
+# ---- references -------------------------------------------------------------------------------
+def references(ctx: StudyContext, spec, plan, costs, baselines, *, decode_tokens: int | None) -> list[dict]:
+    from expertflow.budget import format_bytes
+
+    from .simulator import whole_layer_offload
+
+    refs = []
+    total = spec.num_moe_layers * spec.num_experts
+    allv = {"cache.capacity_experts": total, "cache.scope": "per_layer", "prefetch.depth": 0,
+            "adaptive_k.threshold": 1.0}
+    m, cons = evaluate(ctx, allv, max_decode_tokens=decode_tokens)
+    need = int(m["peak_gpu_bytes"] + ctx.base_config.memory.margin_bytes)
+    ok = feasible(cons)
+    why = {} if ok else {"reason": f"needs {format_bytes(need)} > budget {format_bytes(plan.budget_bytes)}"}
+    refs.append({"name": "all experts on GPU", "feasible": ok, "predicted": m, **why})
+    named = dict(baselines)
+    m, cons = evaluate(ctx, named[LRU_BASELINE], max_decode_tokens=decode_tokens)
+    refs.append({"name": LRU_BASELINE, "feasible": feasible(cons), "predicted": m})
+    w = whole_layer_offload(ctx.trace, costs, spec.num_experts, plan.bytes_per_expert,
+                            ctx.prompt_tokens, decode_tokens)
+    ok = plan.capacity_experts >= spec.num_experts
+    refs.append({"name": "whole-layer offload", "feasible": ok, "predicted": w,
+                 **({} if ok else {"reason": f"one layer's {spec.num_experts} experts do not fit the "
+                                             f"budget's {plan.capacity_experts} slots"})})
+    m, cons = evaluate(ctx, {}, max_decode_tokens=decode_tokens)
+    refs.append({"name": "default config", "feasible": feasible(cons), "predicted": m})
+    return refs
+
+
+# ---- the pipeline -----------------------------------------------------------------------------
+def tune(model: str, budget: str, *, trials: int | None = None, timeout: float | None = None,
+         out: str | os.PathLike | None = None, hardware: str | None = None,
+         profile: str | os.PathLike | None = None, prompts: str | None = None,
+         search_space: str | os.PathLike | None = None, max_quality_loss: float | None = None,
+         max_context: int = 4096, max_batch: int = 1, storage: str | None = None,
+         study: str | None = None, resume: bool = False, seed: int = 0, device: str = "auto",
+         validate: bool = True, report: bool = True, jobs: int | None = None,
+         progress: bool = True, quality_prompts: int = QUALITY_PROMPTS,
+         study_decode_tokens: int | None = STUDY_DECODE_TOKENS,
+         final_decode_tokens: int | None = FINAL_DECODE_TOKENS) -> TuneResult:
+    """Run the whole ef-tune pipeline; returns where the config and report are."""
+    from expertflow.budget import parse_size, plan_memory
+    from expertflow.config import Hardware, default_config, now_iso, tool_version
+    from expertflow.fsutil import atomic_write_text
+    from expertflow.registry import resolve_model
+
+    from .cli import DEFAULT_TRIALS
+    from .search_space import load_space, packaged_space
+    from .simulator import Costs
+
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    trials = DEFAULT_TRIALS if trials is None else trials
+    if trials < 1:
+        raise ConfigError(f"--trials {trials} must be >= 1")
+    spec = resolve_model(model)
+    parsed = parse_size(budget)
+    dtype = "bfloat16"
+    plan = plan_memory(spec, parsed, max_context_tokens=max_context, max_batch=max_batch, dtype=dtype)
+    out_dir = Path(out) if out is not None else default_out_dir(spec, parsed.text)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    storage_url = storage or sqlite_url(out_dir / "study.sqlite3")
+    study_name = study or f"{Path(spec.name).name}-{parsed.text}"
+    _check_fresh_study(storage_url, study_name, resume)
+
+    t0 = time.perf_counter()
+    prof, prof_dir = get_profile(spec, out_dir, profile_dir=profile, resume=resume, hardware=hardware,
+                                 device=device, prompts=prompts, seed=seed, notes=notes)
+    timings["profile"] = time.perf_counter() - t0
+    costs = Costs.from_profile(prof, plan.bytes_per_expert, spec.num_layers)
+    hw_meta = dict(prof.meta.get("hardware") or {})
+    hw = Hardware(**{k: hw_meta.get(k) for k in ("gpu_name", "gpu_memory_bytes", "pcie_generation", "pcie_width")})
+    base = default_config(spec, plan, hardware=hw, priors=prof.priors(), profile_id=prof.profile_id,
+                          routing=prof.routing_kind, device="cuda", dtype=dtype)
+    gbps = (prof.meta.get("summary") or {}).get("pinned_gbps")
+    if gbps is None:
+        gbps = plan.bytes_per_expert / (costs.copy_ms * 1e6) if costs.copy_ms > 0 else None
+    layer_ms = max(costs.host_layer_ms, costs.layer(1))
+    base = base.with_values({"prefetch.bandwidth_gbps": float(gbps) if gbps else None,
+                             "prefetch.layer_time_ms": float(layer_ms) if layer_ms > 0 else None})
+
+    raw_space = load_space(search_space) if search_space else packaged_space(Path(spec.name).name)
+    symbols = {"budget": min(plan.capacity_experts, plan.total_experts), "layers": spec.num_moe_layers,
+               "experts": spec.num_experts, "total": plan.total_experts, "top_k": spec.top_k,
+               "lookahead": prof.trace.lookahead}
+    space = raw_space.resolve(symbols)
+    if symbols["budget"] < spec.num_moe_layers:
+        space = space.restrict("cache.scope", ("pooled",), f"the budget holds {symbols['budget']} slots, "
+                               f"fewer than the {spec.num_moe_layers} layers: only a pooled cache works")
+    notes.extend(space.notes)
+
+    t0 = time.perf_counter()
+    cap = DEFAULT_QUALITY_CAP if max_quality_loss is None else float(max_quality_loss)
+    if cap < 0:
+        raise ConfigError(f"--max-quality-loss {cap} must be >= 0 (0 = exact top-k only)")
+    q = quality_side(spec, prof, space, cap=cap, prompts=prompts, device=device, notes=notes,
+                     n_prompts=quality_prompts, progress=progress)
+    timings["quality"] = time.perf_counter() - t0
+
+    ctx = StudyContext(prof.trace, costs, base, space, quality_cap=cap, quality_tables=q["tables"],
+                       max_decode_tokens=study_decode_tokens)
+    baselines = baseline_values(space, base, symbols["budget"])
+    attrs = {"fingerprint": spec.fingerprint, "budget_bytes": plan.budget_bytes,
+             "search_space": space.as_dict(), "quality_cap": cap, "quality_metric": q["metric"],
+             "max_decode_tokens": study_decode_tokens, "profile_id": prof.profile_id, "seed": seed}
+    t0 = time.perf_counter()
+    jobs = default_jobs(trials) if jobs is None else max(1, int(jobs))
+    run = run_study(ctx, storage_url=storage_url, name=study_name, n_trials=trials, timeout=timeout,
+                    seed=seed, resume=resume, jobs=jobs, progress=progress, attrs=attrs,
+                    baselines=baselines)
+    notes.extend(run.notes)
+    timings["study"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    done = completed_trials(run.study)
+    chosen, finalists = export.final_choice(ctx, done, cap, finalists=FINALISTS,
+                                            max_decode_tokens=final_decode_tokens, study_name=study_name)
+    measured_quality = None
+    if q["prompt_ids"]:
+        chosen, measured_quality = _verify_quality(spec, base, chosen, finalists, done, ctx, cap, q,
+                                                   final_decode_tokens, notes)
+    refs = references(ctx, spec, plan, costs, baselines, decode_tokens=final_decode_tokens)
+    timings["choose"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    others = [t for t in finalists if t["number"] != chosen["number"]][:2]
+    cfgs = [trial_config(base, t["params"]) for t in [chosen] + others]
+    labels = ["chosen"] + [f"trial {t['number']}" for t in others]
+    if validate and _gpu_here(device):
+        from .validate import validate_configs
+
+        pids = None
+        if spec.has_weights and q["prompt_ids"]:  # real weights route real text: a real prompt
+            import torch
+
+            pids = torch.tensor([q["prompt_ids"][0][:ctx.prompt_tokens]])
+        val = validate_configs(spec, cfgs, prof.trace, device="cuda", max_new_tokens=VALIDATE_TOKENS,
+                               prompt_tokens=ctx.prompt_tokens, labels=labels, costs=costs,
+                               trials=[t["number"] for t in [chosen] + others],
+                               replay=not spec.has_weights, prompt_ids=pids)
+        vnote = f"validated on {hw_meta.get('gpu_name') or 'this GPU'}" if any(v["measured"] for v in val) \
+            else "validation failed to measure"
+    else:
+        vnote = ("validation skipped (--no-validate)" if not validate
+                 else "no GPU here: predictions not validated")
+        val = [{"label": "chosen", "trial": chosen["number"], "predicted": chosen["metrics"],
+                "measured": None, "error": None}]
+    for v, t in zip(val, [chosen] + others):
+        v["params"] = t["params"]
+    timings["validate"] = time.perf_counter() - t0
+
+    measured = dict(val[0]["measured"] or {})
+    measured.pop("decode_tokens", None)
+    if measured_quality:
+        measured.update(measured_quality)
+    config = export.build_config(base, chosen["params"], predicted=chosen["metrics"], measured=measured,
+                                 study_name=study_name, trial_number=chosen["number"],
+                                 profile_id=prof.profile_id, routing=prof.routing_kind,
+                                 hardware_source=str(hw_meta.get("source") or "unknown"))
+    config_path = export.write_config(config, out_dir / "config.yaml").resolve()
+
+    tuning = {
+        "version": 1, "created_at": now_iso(), "tool_version": tool_version(),
+        "model": {"name": spec.name, "architecture": spec.architecture, "fingerprint": spec.fingerprint,
+                  "num_moe_layers": spec.num_moe_layers, "num_experts": spec.num_experts,
+                  "top_k": spec.top_k, "bytes_per_expert": plan.bytes_per_expert},
+        "budget": {"text": parsed.text, "bytes": plan.budget_bytes, "plan": plan.as_dict(),
+                   "terms": [[k, int(v)] for k, v in plan.terms()]},
+        "hardware": {k: hw_meta.get(k) for k in ("gpu_name", "gpu_memory_bytes", "pcie_generation",
+                                                 "pcie_width", "driver_version", "cuda_version",
+                                                 "torch_version", "transformers_version", "source")},
+        "routing": {"kind": prof.routing_kind, "note": (prof.meta.get("routing") or {}).get("note", "")},
+        "profile_dir": ("profile" if prof_dir.resolve() == (out_dir / "profile").resolve()
+                        else str(prof_dir.resolve())),
+        "study": {"name": study_name, "storage": storage_url, "n_trials": len(run.study.trials),
+                  "objectives": ["decode_tokens_per_s", "quality_loss"], "directions": ["maximize", "minimize"],
+                  "seed": seed, "search_space": space.as_dict(), "jobs": run.jobs,
+                  "max_decode_tokens": study_decode_tokens, "final_decode_tokens": final_decode_tokens},
+        "quality": {"metric": q["metric"], "cap": cap, "table": q["table"],
+                    **({"chosen_measured": measured_quality} if measured_quality else {})},
+        "chosen": {"trial": chosen["number"], "params": chosen["params"], "predicted": chosen["metrics"],
+                   "rule": export.RULE},
+        "references": refs,
+        "pareto": [{"trial": t["number"], "values": t["values"], "params": t["params"]}
+                   for t in pareto_front(done)],
+        "validation": val,
+        "validation_note": vnote,
+        "notes": notes,
+        "timings_s": timings,
+        "run_command": f"ef-run --config {config_path}",
+    }
+    tuning_path = out_dir / "tuning.json"
+    atomic_write_text(tuning_path, json.dumps(tuning, indent=1, default=_json_default))
+
+    report_path = None
+    t0 = time.perf_counter()
+    if report:
+        report_path = _build_report(out_dir, notes)
+        timings["report"] = time.perf_counter() - t0
+        tuning["timings_s"] = timings
+        atomic_write_text(tuning_path, json.dumps(tuning, indent=1, default=_json_default))
+    return TuneResult(out_dir.resolve(), config_path, report_path, tuning, config, notes)
+
+
+def default_jobs(trials: int) -> int:
+    """Worker processes for the study. 1: measured on 2 cores with the default SQLite storage,
+    two workers were slower than one (SQLite serialises their writes, and each waits for the
+    other's lock); with a server storage (PostgreSQL) pass --jobs N."""
+    return 1
+
+
+def _check_fresh_study(url: str, name: str, resume: bool) -> None:
+    """Fail before profiling when the study exists and --resume is not given."""
+    if resume:
+        return
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        return
+    import optuna
+
+    from .study import make_storage
+
+    storage = make_storage(url)
+    for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if s.study_name == name and s.n_trials > 0:
+            from expertflow.errors import StorageError
+
+            raise StorageError(f"study {name!r} already exists in {url} with {s.n_trials} trials; pass "
+                               "--resume to continue it, or a new --study name / --out folder")
+
+
+def _verify_quality(spec, base, chosen, finalists, done, ctx, cap, q, final_tokens, notes):
+    """Measure the chosen config's quality for real; walk down the ranking past any over the cap."""
+    ranked = export.ranked(finalists, cap) + [t for t in export.ranked(done, cap)
+                                              if t["number"] not in {f["number"] for f in finalists}]
+    from expertflow.runtime.loading import build_model
+
+    model = build_model(spec, device=q["device"], dtype=q["dtype"])
+    cache: dict[tuple, dict] = {}
+    for t in ranked[:8]:
+        cfg = trial_config(base, t["params"])
+        a = cfg.adaptive_k
+        key = (a.threshold, a.min_k, a.renormalize)
+        if key not in cache:
+            cache[key] = ({"quality_loss": 0.0, "perplexity_change": 0.0} if a.threshold >= 1.0 else
+                          quality.measure_config_quality(spec, cfg, prompts=q["prompt_ids"],
+                                                         device=q["device"], dtype=q["dtype"], model=model))
+        mq = cache[key]
+        if mq["quality_loss"] <= cap + 1e-12:
+            if t["number"] != chosen["number"]:
+                notes.append(f"trial {chosen['number']} measured over the quality cap; chose trial {t['number']}")
+                if "study_metrics" not in t:
+                    t = export.rescore(ctx, [t], max_decode_tokens=final_tokens)[0]
+            return t, {k: float(v) for k, v in mq.items()}
+    notes.append("no finalist measured within the quality cap; kept the predicted choice")
+    return chosen, None
+
+
+def _build_report(out_dir: Path, notes: list[str]) -> Path | None:
+    try:
+        from reports.build import build_report
+    except ImportError as exc:
+        notes.append(f"report skipped: the report builder is not importable ({exc})")
+        return None
+    try:
+        return build_report(out_dir).resolve()
+    except Exception as exc:  # noqa: BLE001 - the config is written; say so instead of failing
+        log.warning("report could not be built: %s: %s", exc.__class__.__name__, exc)
+        notes.append(f"report could not be built ({exc.__class__.__name__}: {exc}); rebuild it with "
+                     f"ef-report {out_dir}")
+        return None
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ---- CLI handler ------------------------------------------------------------------------------
+def cli_tune(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    res = tune(args.model, args.budget, trials=args.trials, timeout=args.timeout, out=args.out,
+               hardware=args.hardware, profile=args.profile, prompts=args.prompts,
+               search_space=args.search_space, max_quality_loss=args.max_quality_loss,
+               max_context=args.max_context, max_batch=args.max_batch, storage=args.storage,
+               study=args.study, resume=args.resume, seed=args.seed, device=args.device,
+               validate=not args.no_validate, report=not args.no_report,
+               jobs=getattr(args, "jobs", None), progress=True)
+    p = res.predicted
+    say = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    for n in res.notes:
+        say(f"note: {n}")
+    t = res.tuning
+    say(f"tuned {t['model']['name']} for a {t['budget']['text']} budget "
+        f"({t['hardware'].get('gpu_name') or 'no GPU'}, timing: {t['hardware'].get('source')}, "
+        f"routing: {t['routing']['kind']}) in {time.perf_counter() - t0:.1f} s")
+    say(f"chosen trial {t['chosen']['trial']}: predicted {p['decode_tokens_per_s']:.2f} tokens/s decode, "
+        f"hit rate {p['hit_rate']:.1%}, stall {p['stall_ms_per_token']:.2f} ms/token, "
+        f"quality loss {p['quality_loss']:.4f} ({t['quality']['metric']}, cap {t['quality']['cap']})")
+    say(f"config: {res.config_path}")
+    say(f"report: {res.report_path if res.report_path else '(not built)'}")
+    say(f"run it: {t['run_command']}")
+    if args.json:
+        print(json.dumps({"config_path": str(res.config_path),
+                          "report_path": str(res.report_path) if res.report_path else None,
+                          "tuning_path": str(res.out_dir / "tuning.json"),
+                          "chosen_trial": t["chosen"]["trial"], "predicted": p,
+                          "hardware_source": t["hardware"].get("source"),
+                          "routing": t["routing"]["kind"]}, default=_json_default))
+    return 0
