@@ -63,7 +63,7 @@ REQUIRED_COLUMNS = {
 }
 
 
-def _interp(table: pd.DataFrame, x_col: str, x: float, y_col: str = "median_ms") -> float:
+def interpolate(table: pd.DataFrame, x_col: str, x: float, y_col: str = "median_ms") -> float:
     """Piecewise-linear interpolation in x (linear extrapolation past the ends, never < 0)."""
     t = table.sort_values(x_col)
     xs = t[x_col].to_numpy(dtype=np.float64)
@@ -114,14 +114,14 @@ class Profile:
         sub = t[(t["pinned"] == pinned) & (t["concurrency"] == concurrency)]
         if sub.empty:
             sub = t[t["pinned"] == pinned]
-        return _interp(sub, "bytes", float(nbytes))
+        return interpolate(sub, "bytes", float(nbytes))
 
     def expert_kernel_ms(self, tokens: int) -> float:
-        return _interp(self.tables["kernel"], "tokens", float(tokens))
+        return interpolate(self.tables["kernel"], "tokens", float(tokens))
 
     def layer_ms(self, tokens: int) -> float:
         """Non-expert part of one decoder layer for `tokens` tokens."""
-        return _interp(self.tables["layer"], "tokens", float(tokens))
+        return interpolate(self.tables["layer"], "tokens", float(tokens))
 
     def runtime_value(self, name: str, default: float | None = None) -> float:
         t = self.tables.get("runtime")

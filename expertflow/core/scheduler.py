@@ -201,6 +201,7 @@ class Scheduler:
                                   prediction_bonus=params.prediction_bonus, pinned_mask=self.pinned_mask,
                                   steps_per_token=L)
         self._pins = self.policy.has_pins
+        self._pin_rows = self.pinned_mask.tolist() if self.pinned_mask is not None else None
 
     # ---- setup ----------------------------------------------------------------------------
     def _hottest(self) -> list[list[int]]:
@@ -284,6 +285,8 @@ class Scheduler:
                 self._precision_update(dist, used=False)
                 self.prefetched[ev_l][ev_e] = 0
         slot = part.slots[local]
+        if self._pins and self._pin_rows[layer][expert]:
+            part.pinned_occupants += 1  # pinned experts are never evicted
         part.layer[local] = layer
         part.expert[local] = expert
         self.slot_of[layer][expert] = slot
@@ -361,13 +364,8 @@ class Scheduler:
     def _pinned_count(self, layer: int, needed: list[int]) -> tuple[int, int]:
         """(pinned experts resident in `layer`'s partition, how many of them this visit needs)."""
         part = self.partitions[self.partition_of_layer[layer]]
-        occupied = part.layer >= 0
-        if not occupied.any():
-            return 0, 0
-        pinned = np.zeros(part.capacity, dtype=bool)
-        pinned[occupied] = self.policy.pinned(part.layer[occupied], part.expert[occupied])
-        mine = (part.layer == layer) & np.isin(part.expert, needed)
-        return int(pinned.sum()), int((pinned & mine).sum())
+        pin_row, row = self._pin_rows[layer], self.slot_of[layer]
+        return part.pinned_occupants, sum(1 for e in needed if pin_row[e] and row[e] >= 0)
 
     # ---- prefetch -------------------------------------------------------------------------
     def effective_depth(self) -> int:

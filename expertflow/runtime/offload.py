@@ -351,6 +351,15 @@ class OffloadHandle(AbstractContextManager):
             self._lut_dirty.discard(m)
         return self._lut_dev[m]
 
+    def kernel_name(self, pairs: int) -> str:
+        """The transformers experts kernel the runtime uses for `pairs` token-expert pairs."""
+        return self._kernel(pairs)[0]
+
+    def run_experts(self, m: int, h: torch.Tensor, slots: np.ndarray, weights: torch.Tensor) -> torch.Tensor:
+        """Run MoE layer m's experts kernel over the slot pool (slots [T, k] in place of expert
+        ids): the call the runtime makes per wave; the profiler times it."""
+        return self._run_kernel(m, h, slots, weights)
+
     def _run_kernel(self, m: int, h: torch.Tensor, slots: np.ndarray, w_t: torch.Tensor) -> torch.Tensor:
         """transformers' experts kernel over the slot pool; slots [T, k] replace expert ids.
 

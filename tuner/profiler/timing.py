@@ -13,8 +13,8 @@ Tables (tuner/profile.py names; extra columns are additive):
   once, each on its own CUDA stream; median_ms = time until all c are done; gbps = c x bytes /
   time (10^9 bytes/s). On the CPU a "copy" is the host memcpy the CPU runtime does (pinning
   needs CUDA, so the pinned and pageable rows are the same measurement).
-* kernel: the runtime's own experts kernel call (`OffloadHandle._run_kernel`, the kernel that
-  `OffloadHandle._kernel` picks: transformers' batched_mm_experts_forward for <= 64
+* kernel: the runtime's own experts kernel call (`OffloadHandle.run_experts`, the kernel that
+  `OffloadHandle.kernel_name` names: transformers' batched_mm_experts_forward for <= 64
   token-expert pairs on CUDA, grouped_mm_experts_forward above; the model's default on the
   CPU) over the GPU slot pool, `tokens` tokens all routed to one expert; column `kernel` names it.
 * layer: one MoE decoder layer with the routed experts replaced by a zero-cost stub (attention,
@@ -271,23 +271,16 @@ def measure_layer(model, dev: torch.device, tokens, *, reps: int, progress: Repo
 
 def measure_kernel(handle, dev: torch.device, tokens, *, reps: int, progress: Reporter = NULL) -> pd.DataFrame:
     clock = _Clock(dev)
-    view = handle.views[0]
     H = handle.gate_up_shape[-1]
     task = progress.task("expert kernel", len(tokens))
     rows = []
-    run = getattr(handle, "_run_kernel", None)  # the runtime's kernel call over its slot pool
     with torch.inference_mode():
         for t in tokens:
-            choice = handle._kernel(t)  # the runtime's own choice for t token-expert pairs
-            name, kernel = choice if isinstance(choice, tuple) else (choice.__name__, choice)
+            name = handle.kernel_name(t)  # the runtime's own choice for t token-expert pairs
             h = torch.randn(t, H, device=dev, dtype=handle.dtype)
             w = torch.ones(t, 1, device=dev, dtype=handle.dtype)
-            if run is not None:
-                slots = np.zeros((t, 1), dtype=np.int64)  # every token -> slot 0 (layer 0's expert)
-                fn = partial(run, 0, h, slots, w)
-            else:
-                idx = torch.zeros(t, 1, dtype=torch.long, device=dev)
-                fn = partial(kernel, view, h, idx, w)
+            slots = np.zeros((t, 1), dtype=np.int64)  # every token -> slot 0 (layer 0's expert)
+            fn = partial(handle.run_experts, 0, h, slots, w)
             rows.append({"tokens": t, **_row(clock.times_ms(fn, warmup=2, reps=reps)), "kernel": name})
             task.advance()
     return pd.DataFrame(rows)
@@ -429,7 +422,7 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
 
 def timing_summary(tables: dict[str, pd.DataFrame], bytes_per_expert: int) -> dict:
     """Headline timing numbers for profile.yaml `summary` (plain floats)."""
-    from tuner.profile import _interp
+    from tuner.profile import interpolate as _interp
 
     t = tables["transfer"]
     rt = dict(zip(tables["runtime"]["name"], tables["runtime"]["value"].astype(float)))
