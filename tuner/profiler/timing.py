@@ -21,7 +21,8 @@ Tables (tuner/profile.py names; extra columns are additive):
   norms, router, shared expert), on [1, tokens, H] hidden states, no KV cache.
 * runtime (name, value): decode_layer_ms (wall time per MoE layer of the offloaded runtime
   decoding at batch 1 with every expert resident = the slope between reduced-depth models of
-  two depths), step_overhead_ms (the intercept: embeddings, LM head, argmax), sync_ms (one
+  two depths), step_overhead_ms (the intercept: embeddings, LM head, argmax), predictor_host_ms
+  and adaptive_host_ms (extra host time per MoE layer with prefetch on / adaptive-k on), sync_ms (one
   small device->host read), load_issue_ms (host time to issue one expert's copies; CUDA only),
   pinned_1gib_gbps (one 1 GiB pinned copy), decode_step_ms_<n>moe (the raw steps).
 
@@ -216,8 +217,9 @@ def _build(spec: ModelSpec, dev: torch.device, dtype: str, seed: int):
                        pin_memory=dev.type == "cuda")
 
 
-def _attach(model, spec: ModelSpec, dev: torch.device, dtype: str):
-    """The real runtime with every expert resident (warm start from uniform priors)."""
+def _attach(model, spec: ModelSpec, dev: torch.device, dtype: str, **values):
+    """The real runtime with every expert resident (warm start from uniform priors); `values`
+    override dotted config keys (e.g. prefetch.depth to time the predictor's host cost)."""
     from expertflow.budget import plan_memory
     from expertflow.config import default_config
     from expertflow.runtime.offload import offload
@@ -225,7 +227,7 @@ def _attach(model, spec: ModelSpec, dev: torch.device, dtype: str):
     plan = plan_memory(spec, 2 ** 50, dtype=dtype, max_context_tokens=512)
     priors = [[1.0 / spec.num_experts] * spec.num_experts for _ in range(spec.num_moe_layers)]
     config = default_config(spec, plan, priors=priors, device=str(dev), dtype=dtype).with_values(
-        {"prefetch.depth": 0, "cache.warm_start": True, "runtime.record_trace": False})
+        {"prefetch.depth": 0, "cache.warm_start": True, "runtime.record_trace": False, **values})
     return offload(model, config, device=str(dev), record_trace=False)
 
 
@@ -395,6 +397,15 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
     step_deep = measure_decode_step_ms(model, spec.vocab_size, dev, steps=decode_steps, seed=seed)
     task.advance()
     handle.detach()
+    # Host cost per MoE layer of the predictor (prefetch on, nothing to fetch: every expert is
+    # resident) and of adaptive-k (weights to the host, kept weights uploaded), for the simulator.
+    extras = {}
+    for name, values in (("predictor_host_ms", {"prefetch.depth": 1}),
+                         ("adaptive_host_ms", {"adaptive_k.threshold": 0.9})):
+        handle = _attach(model, reduced_spec(spec, deep), dev, dtype, **values)
+        step = measure_decode_step_ms(model, spec.vocab_size, dev, steps=decode_steps, seed=seed)
+        handle.detach()
+        extras[name] = max(0.0, (step - step_deep) / deep)
     del handle, model
     _free(dev)
 
@@ -405,6 +416,7 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
         slope = step_deep / deep
     runtime["decode_layer_ms"] = slope
     runtime["step_overhead_ms"] = max(0.0, step_small - small * slope)
+    runtime.update(extras)
     runtime[f"decode_step_ms_{small}moe"] = step_small
     runtime[f"decode_step_ms_{deep}moe"] = step_deep
     rt = pd.DataFrame({"name": list(runtime), "value": [float(v) for v in runtime.values()]})
