@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from expertflow._cli import new_parser, run_handler
 
 DEFAULT_TRIALS = 60
+DEFAULT_HEARTBEAT_S = 10  # a running trial records a heartbeat this often (seconds; tuner.study)
 
 
 def build_profile_parser() -> argparse.ArgumentParser:
@@ -42,7 +43,8 @@ def build_tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", required=True, help="GPU memory budget, e.g. 24GB (10^9 bytes) or "
                                                    "22GiB (2^30 bytes)")
     p.add_argument("--trials", type=int, default=DEFAULT_TRIALS,
-                   help=f"Optuna trials (default {DEFAULT_TRIALS})")
+                   help=f"the study's total trials (default {DEFAULT_TRIALS}); workers sharing a study "
+                        "split them: give each the same N")
     p.add_argument("--timeout", type=float, default=None, help="stop the study after this many seconds")
     p.add_argument("--out", default=None, help="output folder (default: ef-out/<model>-<budget>)")
     p.add_argument("--hardware", default=None,
@@ -58,9 +60,17 @@ def build_tune_parser() -> argparse.ArgumentParser:
                         "0 = exact top-k only)")
     p.add_argument("--max-context", type=int, default=4096, help="KV-cache tokens to reserve (default 4096)")
     p.add_argument("--max-batch", type=int, default=1, help="sequences per batch to reserve for (default 1)")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in --out)")
-    p.add_argument("--study", default=None, help="study name (default: derived from model and budget)")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL, e.g. postgresql://user@host/db (default: SQLite in --out); "
+                        "with --study, workers on many machines share one study")
+    p.add_argument("--study", default=None, help="study name (default: derived from model and budget); "
+                                                 "with --storage, joins the study when it exists")
     p.add_argument("--resume", action="store_true", help="continue an existing study in the storage")
+    p.add_argument("--export-only", action="store_true",
+                   help="run no trial: export the existing study's results into --out")
+    p.add_argument("--heartbeat", type=int, default=DEFAULT_HEARTBEAT_S, metavar="SECONDS",
+                   help=f"a running trial's heartbeat interval (default {DEFAULT_HEARTBEAT_S}); a worker "
+                        "silent for 3 beats is taken as dead and its trial re-run by another")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                    help="device for profiling and validation (default: cuda if present)")

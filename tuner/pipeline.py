@@ -16,6 +16,7 @@ references; validation on the GPU; config.yaml; tuning.json; report.html.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -30,12 +31,14 @@ from expertflow.errors import ConfigError, DataError, ModelError
 
 from . import export, quality
 from .study import (
+    DEFAULT_HEARTBEAT_S,
     LRU_BASELINE,
     StudyContext,
     baseline_values,
     completed_trials,
     evaluate,
     feasible,
+    finished_count,
     pareto_front,
     run_study,
     sqlite_url,
@@ -56,11 +59,14 @@ VALIDATE_TOKENS = 128  # decode tokens measured per validated config
 @dataclass
 class TuneResult:
     out_dir: Path
-    config_path: Path
+    config_path: Path | None  # None when another worker exported these results (exported_by)
     report_path: Path | None
     tuning: dict[str, Any]
     config: Any
     notes: list[str] = field(default_factory=list)
+    exported: bool = True
+    exported_by: dict[str, Any] | None = None  # the export record of the worker that did
+    trials_run: int = 0  # trials this process ran (a share of the study's when workers share it)
 
     @property
     def predicted(self) -> dict[str, float]:
@@ -71,6 +77,37 @@ def default_out_dir(spec, budget_text: str) -> Path:
     name = Path(spec.name).name if spec.checkpoint else spec.name
     safe = re.sub(r"[^A-Za-z0-9._-]+", "", f"{name}-{budget_text}")
     return Path("ef-out") / safe
+
+
+def _check_device(device: str) -> None:
+    """--device cuda without a GPU is an error before anything runs (DeviceError, exit 7)."""
+    if device not in ("auto", "cpu", "cuda"):
+        from expertflow.errors import DeviceError
+
+        raise DeviceError(f"--device {device!r} is not known; use auto, cuda or cpu")
+    if device == "cuda" and not _gpu_here(device):
+        from expertflow.errors import DeviceError
+
+        raise DeviceError("--device cuda was requested but no CUDA GPU is available "
+                          "(torch.cuda.is_available() is False); use --device cpu or auto")
+
+
+def _check_prompts(prompts) -> None:
+    """A prompt file that is missing, unreadable or empty fails before profiling (DataError)."""
+    try:
+        from .profiler.activation import load_prompts
+    except ImportError:  # the profiler package is optional in a source checkout
+        return
+    load_prompts(prompts)
+
+
+def _not_exported(out_dir: Path, run, record: dict[str, Any] | None, notes: list[str]) -> TuneResult:
+    """This worker's result when another one exported the same finished study."""
+    rec = dict(record or {})
+    notes.append(f"study {run.name!r} is complete with {rec.get('finished')} finished trials; another "
+                 f"worker ({rec.get('by')}) exported them to {rec.get('out')}, so this one wrote nothing "
+                 "(ef-tune --export-only writes them here too)")
+    return TuneResult(out_dir.resolve(), None, None, {}, None, notes, exported=False, exported_by=rec)
 
 
 def _gpu_here(device: str) -> bool:
@@ -206,11 +243,18 @@ def tune(model: str, budget: str, *, trials: int | None = None, timeout: float |
          validate: bool = True, report: bool = True, jobs: int | None = None,
          progress: bool = True, quality_prompts: int = QUALITY_PROMPTS,
          study_decode_tokens: int | None = STUDY_DECODE_TOKENS,
-         final_decode_tokens: int | None = FINAL_DECODE_TOKENS) -> TuneResult:
-    """Run the whole ef-tune pipeline; returns where the config and report are."""
+         final_decode_tokens: int | None = FINAL_DECODE_TOKENS,
+         heartbeat: int | None = DEFAULT_HEARTBEAT_S, export_only: bool = False) -> TuneResult:
+    """Run the whole ef-tune pipeline; returns where the config and report are.
+
+    Every input is checked before anything is written (a bad one raises its ExpertFlowError and
+    leaves no output). With an explicit `storage` and `study` the study is shared: this call
+    joins it when it exists, runs trials until the study's total reaches `trials`, and exports
+    only if no other worker exported these results yet (`TuneResult.exported`). `export_only`
+    runs no trial and exports the shared study's results into `out` (always).
+    """
     from expertflow.budget import parse_size, plan_memory
-    from expertflow.config import Hardware, default_config, now_iso, tool_version
-    from expertflow.fsutil import atomic_write_text
+    from expertflow.config import Hardware, default_config
     from expertflow.registry import resolve_model
 
     from .cli import DEFAULT_TRIALS
@@ -222,15 +266,22 @@ def tune(model: str, budget: str, *, trials: int | None = None, timeout: float |
     trials = DEFAULT_TRIALS if trials is None else trials
     if trials < 1:
         raise ConfigError(f"--trials {trials} must be >= 1")
+    if heartbeat is not None and heartbeat < 1:
+        raise ConfigError(f"--heartbeat {heartbeat} must be >= 1 (seconds between a trial's heartbeats)")
+    _check_device(device)
     spec = resolve_model(model)
     parsed = parse_size(budget)
     dtype = "bfloat16"
     plan = plan_memory(spec, parsed, max_context_tokens=max_context, max_batch=max_batch, dtype=dtype)
+    raw_space = load_space(search_space) if search_space else packaged_space(Path(spec.name).name)
+    if prompts is not None:
+        _check_prompts(prompts)
     out_dir = Path(out) if out is not None else default_out_dir(spec, parsed.text)
-    out_dir.mkdir(parents=True, exist_ok=True)
     storage_url = storage or sqlite_url(out_dir / "study.sqlite3")
     study_name = study or f"{Path(spec.name).name}-{parsed.text}"
-    _check_fresh_study(storage_url, study_name, resume)
+    join = storage is not None and study is not None
+    _check_fresh_study(storage_url, study_name, resume or join or export_only, explicit=storage is not None)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     prof, prof_dir = get_profile(spec, out_dir, profile_dir=profile, resume=resume, hardware=hardware,
@@ -248,7 +299,6 @@ def tune(model: str, budget: str, *, trials: int | None = None, timeout: float |
     base = base.with_values({"prefetch.bandwidth_gbps": float(gbps) if gbps else None,
                              "prefetch.layer_time_ms": float(layer_ms) if layer_ms > 0 else None})
 
-    raw_space = load_space(search_space) if search_space else packaged_space(Path(spec.name).name)
     symbols = {"budget": min(plan.capacity_experts, plan.total_experts), "layers": spec.num_moe_layers,
                "experts": spec.num_experts, "total": plan.total_experts, "top_k": spec.top_k,
                "lookahead": prof.trace.lookahead}
@@ -276,10 +326,34 @@ def tune(model: str, budget: str, *, trials: int | None = None, timeout: float |
     jobs = default_jobs(trials) if jobs is None else max(1, int(jobs))
     run = run_study(ctx, storage_url=storage_url, name=study_name, n_trials=trials, timeout=timeout,
                     seed=seed, resume=resume, jobs=jobs, progress=progress, attrs=attrs,
-                    baselines=baselines)
+                    baselines=baselines, join=join, heartbeat_s=heartbeat, run_trials=not export_only)
     notes.extend(run.notes)
     timings["study"] = time.perf_counter() - t0
+    try:
+        with run.export_claim(out_dir, force=export_only) as claim:
+            if not claim.won:
+                res = _not_exported(out_dir, run, claim.previous, notes)
+                res.trials_run = run.own
+                return res
+            res = _export(out_dir, spec, parsed, plan, prof, prof_dir, hw_meta, base, ctx, costs, space, q,
+                          cap, baselines, run, study_name, seed, validate, report, device, timings, notes,
+                          study_decode_tokens, final_decode_tokens)
+            claim.done(res.config_path)
+            res.trials_run = run.own
+            return res
+    finally:
+        run.close()
 
+
+def _export(out_dir, spec, parsed, plan, prof, prof_dir, hw_meta, base, ctx, costs, space, q, cap,
+            baselines, run, study_name, seed, validate, report, device, timings, notes,
+            study_decode_tokens, final_decode_tokens) -> TuneResult:
+    """The choice, references, validation, config.yaml, tuning.json and report.html (each file
+    written atomically) from the study's shared results."""
+    from expertflow.config import now_iso, tool_version
+    from expertflow.fsutil import atomic_write_text
+
+    storage_url = run.storage_url
     t0 = time.perf_counter()
     done = completed_trials(run.study)
     chosen, finalists = export.final_choice(ctx, done, cap, finalists=FINALISTS,
@@ -341,9 +415,10 @@ def tune(model: str, budget: str, *, trials: int | None = None, timeout: float |
         "routing": {"kind": prof.routing_kind, "note": (prof.meta.get("routing") or {}).get("note", "")},
         "profile_dir": ("profile" if prof_dir.resolve() == (out_dir / "profile").resolve()
                         else str(prof_dir.resolve())),
-        "study": {"name": study_name, "storage": storage_url, "n_trials": len(run.study.trials),
+        "study": {"name": study_name, "storage": storage_url, "n_trials": finished_count(run.study),
                   "objectives": ["decode_tokens_per_s", "quality_loss"], "directions": ["maximize", "minimize"],
-                  "seed": seed, "search_space": space.as_dict(), "jobs": run.jobs,
+                  "seed": seed, "search_space": space.as_dict(), "jobs": run.jobs, "target": run.target,
+                  "complete": run.complete,
                   "max_decode_tokens": study_decode_tokens, "final_decode_tokens": final_decode_tokens},
         "quality": {"metric": q["metric"], "cap": cap, "table": q["table"],
                     **({"chosen_measured": measured_quality} if measured_quality else {})},
@@ -378,23 +453,26 @@ def default_jobs(trials: int) -> int:
     return 1
 
 
-def _check_fresh_study(url: str, name: str, resume: bool) -> None:
-    """Fail before profiling when the study exists and --resume is not given."""
-    if resume:
-        return
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-        return
+def _check_fresh_study(url: str, name: str, allow_existing: bool, *, explicit: bool = True) -> None:
+    """Fail before profiling when the storage cannot be used (StorageError), or when the study
+    exists and neither --resume nor a shared --storage/--study was given."""
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        if not path.is_file() and (not explicit or path.parent.is_dir()):
+            return  # a new SQLite file (the default one in --out is made below)
     import optuna
 
-    from .study import make_storage
+    from .study import make_storage, mask_url
 
     storage = make_storage(url)
+    if allow_existing:
+        return
     for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
         if s.study_name == name and s.n_trials > 0:
             from expertflow.errors import StorageError
 
-            raise StorageError(f"study {name!r} already exists in {url} with {s.n_trials} trials; pass "
-                               "--resume to continue it, or a new --study name / --out folder")
+            raise StorageError(f"study {name!r} already exists in {mask_url(url)} with {s.n_trials} trials; "
+                               "pass --resume to continue it, or a new --study name / --out folder")
 
 
 def _verify_quality(spec, base, chosen, finalists, done, ctx, cap, q, final_tokens, notes):
@@ -450,19 +528,49 @@ def _json_default(o):
 
 
 # ---- CLI handler ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (kill, a batch system's preemption) stops like Ctrl-C: the running trial finishes,
+    no file is left half-written, and --resume continues (exit 130)."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def cli_tune(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    res = tune(args.model, args.budget, trials=args.trials, timeout=args.timeout, out=args.out,
-               hardware=args.hardware, profile=args.profile, prompts=args.prompts,
-               search_space=args.search_space, max_quality_loss=args.max_quality_loss,
-               max_context=args.max_context, max_batch=args.max_batch, storage=args.storage,
-               study=args.study, resume=args.resume, seed=args.seed, device=args.device,
-               validate=not args.no_validate, report=not args.no_report,
-               jobs=getattr(args, "jobs", None), progress=True)
-    p = res.predicted
+    with _sigterm_as_interrupt():
+        res = tune(args.model, args.budget, trials=args.trials, timeout=args.timeout, out=args.out,
+                   hardware=args.hardware, profile=args.profile, prompts=args.prompts,
+                   search_space=args.search_space, max_quality_loss=args.max_quality_loss,
+                   max_context=args.max_context, max_batch=args.max_batch, storage=args.storage,
+                   study=args.study, resume=args.resume, seed=args.seed, device=args.device,
+                   validate=not args.no_validate, report=not args.no_report,
+                   jobs=getattr(args, "jobs", None), progress=True,
+                   heartbeat=getattr(args, "heartbeat", DEFAULT_HEARTBEAT_S),
+                   export_only=getattr(args, "export_only", False))
     say = (lambda s: print(s, file=sys.stderr)) if args.json else print
     for n in res.notes:
         say(f"note: {n}")
+    if not res.exported:
+        rec = res.exported_by or {}
+        say(f"nothing written here: the study's results were exported by {rec.get('by')} to {rec.get('out')}")
+        if args.json:
+            print(json.dumps({"exported": False, "exported_by": rec, "config_path": rec.get("config"),
+                              "report_path": None, "tuning_path": None, "trials_run": res.trials_run}))
+        return 0
+    p = res.predicted
     t = res.tuning
     say(f"tuned {t['model']['name']} for a {t['budget']['text']} budget "
         f"({t['hardware'].get('gpu_name') or 'no GPU'}, timing: {t['hardware'].get('source')}, "
@@ -474,7 +582,7 @@ def cli_tune(args: argparse.Namespace) -> int:
     say(f"report: {res.report_path if res.report_path else '(not built)'}")
     say(f"run it: {t['run_command']}")
     if args.json:
-        print(json.dumps({"config_path": str(res.config_path),
+        print(json.dumps({"exported": True, "trials_run": res.trials_run, "config_path": str(res.config_path),
                           "report_path": str(res.report_path) if res.report_path else None,
                           "tuning_path": str(res.out_dir / "tuning.json"),
                           "chosen_trial": t["chosen"]["trial"], "predicted": p,

@@ -1,0 +1,494 @@
+"""Several workers, one study: a storage-wide mutex, heartbeats, the trial loop, the export claim.
+
+Every `ef-tune` process that works on a study (several on one machine through `--jobs`, or on
+many machines sharing a PostgreSQL `--storage`) runs `work()`. The rules that make them one study:
+
+* **One mutex per study** (`study_lock`): a PostgreSQL session advisory lock keyed by the study
+  name, a `flock` on `<file>.lock` beside a SQLite study, a thread lock in memory. The server (or
+  the kernel) drops it when its holder dies, so a killed worker never leaves it held.
+* **Claiming a trial is exact**: under the mutex a worker fails stale trials, counts the trials
+  that use up the study's target (`tally`) and asks Optuna for a trial only while that count is
+  below the target. `--trials N` is therefore the study's total, however many workers share it:
+  three workers given `--trials 60` run 60 trials between them, never 61.
+* **Heartbeats**: a thread records one every `heartbeat_interval` seconds while a trial runs. A
+  worker killed mid-trial (SIGKILL, a lost machine) stops beating; after the grace period the
+  next worker that claims fails that trial, and the storage's retry callback queues its params
+  again (WAITING), so the trial is re-run elsewhere.
+* **Ctrl-C / SIGTERM** are held while a trial is claimed, run and recorded (well under a second):
+  the worker finishes that trial, then stops, so nothing is half-recorded and `--resume` goes on.
+  A second Ctrl-C stops at once; the trial is then failed and queued again like a dead one.
+* **What counts toward the target**: COMPLETE and RUNNING trials, and FAIL trials that failed on
+  their own (the simulator raised or returned NaN: user attr `fail_kind = "error"`). Trials failed
+  by a dead or interrupted worker do not count: their queued retry does.
+* **The study is complete** when the count reached the target and nothing runs. Every worker
+  keeps claiming until then, and waits for the other workers' last trials, so each one sees the
+  same finished study; `ExportClaim` then lets exactly one of them export it.
+
+Test-only knob: the environment variable `EXPERTFLOW_TEST_TRIAL_SLEEP_S` (seconds, default 0)
+makes every trial sleep that long after choosing its params and before simulating (read by
+`tuner.study.Objective`), so tests can kill or interrupt a worker in the middle of a trial. It is
+not meant for users.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TEST_SLEEP_ENV = "EXPERTFLOW_TEST_TRIAL_SLEEP_S"
+EXPORT_ATTR = "ef:export"  # study user attr: who exported which results, where
+WORKERS_ATTR = "ef:workers"  # study user attr: workers that joined so far (sampler seed offset)
+TARGET_ATTR = "ef:n_trials"  # study user attr: the study's trial target (the largest asked for)
+
+
+# ---- the mutex ------------------------------------------------------------------------------
+class StudyLock:
+    """A mutex shared by every worker of one study; a context manager. Not re-entrant."""
+
+    def acquire(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Let go of what the lock holds open (a connection, a file)."""
+
+    def __enter__(self) -> StudyLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class _ThreadLock(StudyLock):
+    """In-process storage: one process, so a thread lock is the whole story."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        self._lock.acquire()
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+class _FileLock(StudyLock):
+    """`flock` on a file beside the SQLite study: the kernel releases it when the holder dies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._local = threading.Lock()  # flock is per open file; threads of one worker share it
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self._local.acquire()
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._local.release()
+            raise
+
+    def release(self) -> None:
+        import fcntl
+
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._local.release()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _PgAdvisoryLock(StudyLock):
+    """A PostgreSQL session advisory lock on its own connection: held until released, and
+    dropped by the server when the connection goes (the worker died)."""
+
+    def __init__(self, url: str, key: int) -> None:
+        self.url, self.key = url, key
+        self._engine = None
+        self._conn = None
+        self._local = threading.Lock()
+
+    def _connection(self):
+        if self._conn is None:
+            import sqlalchemy
+            from sqlalchemy.pool import NullPool
+
+            from .study import storage_error
+
+            try:
+                self._engine = sqlalchemy.create_engine(self.url, poolclass=NullPool,
+                                                        connect_args={"connect_timeout": 10})
+                self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            except Exception as exc:  # noqa: BLE001 - driver errors come in many types
+                raise storage_error(self.url, exc) from None
+        return self._conn
+
+    def acquire(self) -> None:
+        import sqlalchemy
+
+        from .study import storage_error
+
+        self._local.acquire()
+        try:
+            self._connection().execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+        except sqlalchemy.exc.SQLAlchemyError as exc:  # the server went away
+            self._local.release()
+            raise storage_error(self.url, exc) from None
+        except BaseException:
+            self._local.release()
+            raise
+
+    def release(self) -> None:
+        import sqlalchemy
+
+        try:
+            if self._conn is not None:
+                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+        finally:
+            self._local.release()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+
+def lock_key(name: str) -> int:
+    """A signed 64-bit advisory-lock key for the study `name`."""
+    digest = hashlib.sha256(f"expertflow-study:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def study_lock(url: str, name: str) -> StudyLock:
+    """The mutex of study `name` in the storage at `url` (see the module docstring)."""
+    if url in ("memory", ":memory:"):
+        return _ThreadLock()
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        return _FileLock(path.with_name(path.name + ".lock"))
+    from sqlalchemy.engine import make_url
+
+    if make_url(url).get_backend_name() == "postgresql":
+        return _PgAdvisoryLock(url, lock_key(name))
+    log.warning("no cross-process lock for storage %s: with several workers the study may run a "
+                "few trials more than --trials, and more than one worker may export",
+                make_url(url).render_as_string(hide_password=True))
+    return _ThreadLock()
+
+
+# ---- heartbeats -------------------------------------------------------------------------------
+def heartbeat_interval(storage) -> int | None:
+    get = getattr(storage, "get_heartbeat_interval", None)
+    return get() if get is not None else None
+
+
+class Heartbeat:
+    """Records a heartbeat for `trial_id` now and then every `interval_s` seconds, until stopped."""
+
+    def __init__(self, storage, trial_id: int, interval_s: int | None):
+        self.storage, self.trial_id, self.interval_s = storage, trial_id, interval_s
+        self._stop = threading.Event()
+        self._thread = None
+        if interval_s:
+            storage.record_heartbeat(trial_id)  # at once: a trial never runs without one
+            self._thread = threading.Thread(target=self._beat, name=f"ef-heartbeat-{trial_id}", daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception as exc:  # noqa: BLE001 - a missed beat is retried at the next interval
+                log.warning("heartbeat of trial id %d failed: %s", self.trial_id, exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+# ---- the count --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tally:
+    counted: int  # trials that use up the target (see the module docstring)
+    finished: int  # COMPLETE + FAIL(error): the results a worker sees
+    complete: int
+    running: int
+    waiting: int
+
+
+def tally(study) -> Tally:
+    import optuna
+
+    S = optuna.trial.TrialState
+    complete = running = waiting = failed = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state == S.COMPLETE:
+            complete += 1
+        elif t.state == S.RUNNING:
+            running += 1
+        elif t.state == S.WAITING:
+            waiting += 1
+        elif t.state == S.FAIL and t.user_attrs.get("fail_kind") == "error":
+            failed += 1
+    return Tally(complete + running + failed, complete + failed, complete, running, waiting)
+
+
+def fail_stale(study) -> None:
+    """Fail the trials of workers whose heartbeat stopped (their retry is queued by the storage's
+    callback). A no-op without heartbeats."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def retry_callback(max_retry: int):
+    """What the storage calls for a trial of a dead worker: queue its params again (WAITING)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+
+# ---- the trial loop -----------------------------------------------------------------------------
+@dataclass
+class WorkResult:
+    ran: int  # trials this worker ran to the end (COMPLETE or FAIL(error))
+    timed_out: bool
+    lost: int = 0  # trials of this worker another one declared dead (late heartbeat)
+
+
+def work(study, objective, *, target: int, lock: StudyLock, timeout_s: float | None = None,
+         on_progress=None, requeue=None) -> WorkResult:
+    """Claim and run trials of `study` until it is complete (or `timeout_s` passes).
+
+    `objective(trial) -> values` raises `tuner.study.TrialFailed` for a trial that fails on its
+    own. `on_progress(tally, waiting)` is called after each trial and while waiting for the other
+    workers' last trials. `requeue(study, frozen_trial)` queues an interrupted trial again.
+    """
+    import optuna
+
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    interval = heartbeat_interval(study._storage)
+    poll_s = min(1.0, float(interval)) if interval else 0.5
+    ran = lost = 0
+    while True:
+        if deadline is not None and time.monotonic() >= deadline:
+            return WorkResult(ran, True, lost)
+        trial = frozen = None
+        with _DeferredSignals() as held:  # Ctrl-C lets the claimed trial finish, then stops
+            with lock:
+                fail_stale(study)
+                now = tally(study)
+                if now.counted < target:
+                    with warnings.catch_warnings():  # we beat ourselves (Heartbeat), not optimize()
+                        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                        trial = study.ask()
+                    beat = Heartbeat(study._storage, trial._trial_id, interval)
+            if trial is not None:
+                frozen = _run_one(study, trial, beat, objective, requeue)
+        held.deliver()
+        if trial is None:
+            if now.running == 0:
+                return WorkResult(ran, False, lost)
+            if on_progress is not None:
+                on_progress(now, True)
+            time.sleep(poll_s)
+            continue
+        ours = frozen is not None and (frozen.state == optuna.trial.TrialState.COMPLETE or
+                                       frozen.user_attrs.get("fail_kind") == "error")
+        ran, lost = (ran + 1, lost) if ours else (ran, lost + 1)
+        if on_progress is not None:
+            on_progress(tally(study), False)
+
+
+def _run_one(study, trial, beat: Heartbeat, objective, requeue):
+    """Run and tell one claimed trial; the frozen trial, or None if another worker failed it as
+    stale meanwhile (our heartbeat was late; it re-runs it)."""
+    import optuna
+
+    from .study import TrialFailed
+
+    fail = optuna.trial.TrialState.FAIL
+    try:
+        try:
+            values = objective(trial)
+        finally:
+            beat.stop()
+        return study.tell(trial, values, skip_if_finished=True)
+    except TrialFailed:
+        return study.tell(trial, state=fail, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return None
+    except BaseException:  # a second Ctrl-C, SystemExit: fail the trial and queue it again
+        with contextlib.suppress(Exception):
+            frozen = study.tell(trial, state=fail, skip_if_finished=True)
+            if requeue is not None and frozen.state == fail and "fail_kind" not in frozen.user_attrs:
+                requeue(study, frozen)
+        raise
+
+
+class _DeferredSignals:
+    """Holds the first SIGINT/SIGTERM while a trial is claimed, run and told, so a stop never
+    leaves a trial half-recorded (trials take well under a second); `deliver()` re-raises it
+    with its usual handler afterwards. The same signal again stops at once (the trial is then
+    failed and queued again when possible, or expires by its heartbeat); a SIGTERM after a
+    SIGINT (a --jobs parent stopping its children after a terminal's Ctrl-C) is only held too.
+    Main thread only (elsewhere a no-op)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.held: list[int] = []
+        self._old: dict[int, Any] = {}
+
+    def _hold(self, signum, frame) -> None:
+        if signum in self.held:  # the same signal twice (Ctrl-C, Ctrl-C): stop now
+            self._restore()
+            raise KeyboardInterrupt
+        if not self.held:
+            log.warning("stopping after the running trial (Ctrl-C again to stop at once)")
+        self.held.append(signum)
+
+    def __enter__(self) -> _DeferredSignals:
+        import signal
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                num = getattr(signal, name)
+                self._old[num] = signal.signal(num, self._hold)
+        return self
+
+    def _restore(self) -> None:
+        import signal
+
+        for num, handler in self._old.items():
+            signal.signal(num, handler if handler is not None else signal.SIG_DFL)
+        self._old.clear()
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def deliver(self) -> None:
+        import signal
+
+        held, self.held = self.held, []
+        for num in held[:1]:
+            signal.raise_signal(num)
+
+
+class ProgressBar:
+    """A rich progress bar on stderr: trials finished and the best feasible tokens/s so far."""
+
+    def __init__(self, enabled: bool, total: int, name: str):
+        self.enabled, self.total, self.name = enabled, total, name
+        self._p = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._p = Progress(TextColumn("[bold]tuning[/]"), BarColumn(), MofNCompleteColumn(),
+                               TimeElapsedColumn(), TextColumn("{task.fields[best]}"),
+                               console=Console(stderr=True), transient=False)
+            self._p.start()
+            self._task = self._p.add_task("trials", total=self.total, best="")
+        return self
+
+    def __call__(self, now, study, waiting: bool = False) -> None:
+        """`now`: the study's Tally."""
+        if self._p is None:
+            return
+        from .study import best_feasible_speed
+
+        best = best_feasible_speed(study)
+        text = f"best feasible {best:.2f} tokens/s" if best else ""
+        if waiting and now.running:
+            text += f" (waiting for {now.running} trial(s) of other workers)"
+        self._p.update(self._task, completed=min(now.finished, self.total), best=text)
+
+    def __exit__(self, *exc) -> None:
+        if self._p is not None:
+            self._p.stop()
+
+
+# ---- one export -------------------------------------------------------------------------------
+class ExportClaim:
+    """Held during the export: exactly one worker exports each state of the shared results.
+
+    Entered, it takes the study's mutex (so the other workers wait until the export is written)
+    and decides `won`: False when these same results (same finished-trial count) were exported
+    already, to another folder, or to this one and its config.yaml is still there. `force` (an
+    explicit `--export-only`) always wins. After writing, `done(config_path)` records the export.
+    If the exporter dies, the mutex is released, nothing is recorded, and the next worker exports.
+    """
+
+    def __init__(self, study, lock: StudyLock, out_dir: str | os.PathLike, *, force: bool = False):
+        self.study, self.lock, self.out_dir, self.force = study, lock, Path(out_dir).resolve(), force
+        self.won = False
+        self.previous: dict[str, Any] | None = None
+        self.finished = 0
+
+    def __enter__(self) -> ExportClaim:
+        self.lock.acquire()
+        try:
+            self.finished = tally(self.study).finished
+            rec = self.study.user_attrs.get(EXPORT_ATTR)
+            self.previous = rec if isinstance(rec, dict) else None
+            same = self.previous is not None and self.previous.get("finished") == self.finished
+            here = same and self.previous.get("out") == str(self.out_dir)
+            self.won = self.force or not same or (here and not (self.out_dir / "config.yaml").is_file())
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def done(self, config_path: str | os.PathLike) -> None:
+        self.study.set_user_attr(EXPORT_ATTR, {
+            "finished": self.finished, "out": str(self.out_dir), "config": str(Path(config_path).resolve()),
+            "by": worker_id(), "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
