@@ -302,26 +302,33 @@ def config_from_dict(data: Any, *, source: str = "config") -> RuntimeConfig:
         raise ConfigError(f"{source}: {_format_validation_error(err, RuntimeConfig)}") from None
 
 
-def load_config(path: str | os.PathLike) -> RuntimeConfig:
-    """Load and strictly validate a config YAML file."""
+def read_yaml_file(path: str | os.PathLike, *, what: str, missing_hint: str) -> Any:
+    """Read and parse a YAML file; every failure is one ConfigError line naming the file."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file {str(p)!r} does not exist; pass the config.yaml that "
-                          "ef-tune wrote") from None
+        raise ConfigError(f"{what} {str(p)!r} does not exist; {missing_hint}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {str(p)!r} cannot be read ({exc.__class__.__name__}); "
+        raise ConfigError(f"{what} {str(p)!r} cannot be read ({exc.__class__.__name__}); "
                           "pass a UTF-8 YAML file") from None
+    return parse_yaml_text(text, what=f"{what} {str(p)!r}")
+
+
+def parse_yaml_text(text: str, *, what: str) -> Any:
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or exc.__class__.__name__
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}: {problem}; fix the "
-                          "syntax or re-export it with ef-tune") from None
-    return config_from_dict(data, source=str(p))
+        raise ConfigError(f"{what} is not valid YAML{where}: {problem}; fix the syntax") from None
+
+
+def load_config(path: str | os.PathLike) -> RuntimeConfig:
+    """Load and strictly validate a config YAML file."""
+    data = read_yaml_file(path, what="config file", missing_hint="pass the config.yaml that ef-tune wrote")
+    return config_from_dict(data, source=str(Path(path)))
 
 
 def save_config(config: RuntimeConfig, path: str | os.PathLike) -> Path:

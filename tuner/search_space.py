@@ -35,7 +35,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from expertflow.errors import ConfigError
 
@@ -533,26 +532,17 @@ def parse_space(data: Any, source: str = "search space") -> SearchSpace:
 
 def load_space(path: str | os.PathLike) -> SearchSpace:
     """Load and validate a search-space YAML file."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"search space {str(p)!r} does not exist; pass a YAML file (see "
-                          "search_spaces/default.yaml)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"search space {str(p)!r} cannot be read ({exc.__class__.__name__}); "
-                          "pass a UTF-8 YAML file") from None
-    return _load_text(text, str(p))
+    from expertflow.config import read_yaml_file
+
+    data = read_yaml_file(path, what="search space",
+                          missing_hint="pass a YAML file (see search_spaces/default.yaml)")
+    return parse_space(data, str(Path(path)))
 
 
 def _load_text(text: str, source: str) -> SearchSpace:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"search space {source!r} is not valid YAML{where}; fix the syntax") from None
-    return parse_space(data, source)
+    from expertflow.config import parse_yaml_text
+
+    return parse_space(parse_yaml_text(text, what=f"search space {source!r}"), source)
 
 
 def packaged_space(model_name: str | None = None) -> SearchSpace:
