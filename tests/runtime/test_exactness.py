@@ -16,7 +16,7 @@ from expertflow.runtime.generate import greedy_generate
 from expertflow.runtime.loading import build_model
 from expertflow.runtime.offload import offload
 
-TINY = ["tiny-qwen2-moe", "tiny-mixtral", "tiny-qwen3-moe", "tiny-olmoe"]
+TINY = ["tiny-qwen2-moe", "tiny-mixtral", "tiny-qwen3-moe", "tiny-olmoe", "tiny-deepseek-v2"]
 TOL = 1e-5
 
 
