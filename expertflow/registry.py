@@ -202,7 +202,10 @@ class ModelSpec:
 
     @property
     def num_experts(self) -> int:
-        return int(self._get(_KEYS[self.architecture][0]))
+        value = self._get(_KEYS[self.architecture][0])
+        if value is None:  # transformers renames some keys between versions (qwen3_moe 5.24)
+            value = next((self.config[k] for k in _EXPERT_COUNT_KEYS if self.config.get(k)), None)
+        return int(value)
 
     @property
     def top_k(self) -> int:
@@ -325,6 +328,15 @@ def _param_counts(architecture: str, config_json: str) -> tuple[tuple[str, int],
         if ".experts." in name + "." and (name.endswith("gate_up_proj") or name.endswith("down_proj")):
             routed += p.numel()
     return (("total", total), ("routed", routed), ("non_expert", total - routed))
+
+
+def spec_from_hf_config(hf_config, name: str = "model") -> ModelSpec:
+    """The ModelSpec of an instantiated transformers model's config (for identity checks)."""
+    arch = getattr(hf_config, "model_type", None)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelError(f"{name} is a {arch!r} model, not a supported MoE; supported model_type values: "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    return ModelSpec(name, arch, hf_config.to_dict())
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> ModelSpec:

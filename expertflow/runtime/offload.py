@@ -130,16 +130,18 @@ class OffloadHandle(AbstractContextManager):
 
     # ---- attach / detach ------------------------------------------------------------------
     def _check_model(self, config: RuntimeConfig) -> None:
-        b0 = self.blocks[0]
-        E = int(b0.experts.num_experts)
-        top_k = int(getattr(b0.router, "top_k", config.model.top_k))
-        want = (config.model.num_moe_layers, config.model.num_experts, config.model.top_k)
-        got = (len(self.blocks), E, top_k)
-        if want != got:
+        from ..registry import spec_from_hf_config
+
+        spec = spec_from_hf_config(self.model.config, type(self.model).__name__)
+        if spec.fingerprint != config.model.fingerprint:
+            d = spec.dims()
             raise ModelError(
-                f"config was made for {config.model.name!r} ({want[0]} MoE layers, {want[1]} experts, "
-                f"top-{want[2]}) but this model has {got[0]} MoE layers, {got[1]} experts, top-{got[2]}; "
-                "tune a config for this model with ef-tune")
+                f"config was made for {config.model.name!r} ({config.model.architecture}, "
+                f"{config.model.num_moe_layers} MoE layers, {config.model.num_experts} experts, "
+                f"top-{config.model.top_k}, fingerprint {config.model.fingerprint}) but this model is "
+                f"{d['architecture']} with {len(d['moe_layers'])} MoE layers, {d['num_experts']} experts, "
+                f"top-{d['top_k']}, hidden {d['hidden_size']} (fingerprint {spec.fingerprint}); tune a "
+                "config for this model with ef-tune")
 
     def _attach(self) -> None:
         register_backend()
