@@ -137,10 +137,10 @@ class _PgAdvisoryLock(StudyLock):
             import sqlalchemy
             from sqlalchemy.pool import NullPool
 
-            from .study import storage_error
+            from .study import resolve_url, storage_error
 
-            try:
-                self._engine = sqlalchemy.create_engine(self.url, poolclass=NullPool,
+            try:  # the same driver as the study's storage (SQLAlchemy's default may not be installed)
+                self._engine = sqlalchemy.create_engine(resolve_url(self.url), poolclass=NullPool,
                                                         connect_args={"connect_timeout": 10})
                 self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
             except Exception as exc:  # noqa: BLE001 - driver errors come in many types

@@ -132,7 +132,7 @@ def _load_checkpoint(spec: ModelSpec, dev: torch.device, dt: torch.dtype, expert
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec.checkpoint, dtype=dt, device_map="cpu", **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(spec.checkpoint, dtype=dt, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load checkpoint {spec.checkpoint!r}: {exc.__class__.__name__}: "
                          f"{str(exc).splitlines()[0]}; is it a complete Hugging Face checkpoint?") from None

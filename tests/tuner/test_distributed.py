@@ -87,12 +87,19 @@ def _states(url, name) -> Counter:
         return Counter()
 
 
-def _wait_for(url, name, pred, timeout=120.0) -> Counter:
+def _wait_for(url, name, pred, procs=(), timeout=120.0) -> Counter:
+    """Poll the study until `pred(state counts)`; fail at once, with its stderr, when one of the
+    worker processes `procs` has ended before that."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         c = _states(url, name)
         if pred(c):
             return c
+        for p in procs:
+            if p.poll() is not None:
+                _, err = p.communicate()
+                raise AssertionError(f"worker ended with {p.returncode} before the study got there "
+                                     f"(states {dict(c)}): {err[-3000:]}")
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting; study states {dict(_states(url, name))}")
 
@@ -125,7 +132,7 @@ def test_three_workers_share_one_postgres_study(tiny, pg_url, tmp_path):
     common = ["--storage", pg_url, "--study", name, "--trials", "60"]
     # 0.5 s per trial: the first two would need ~15 s more when the third joins (after ~5 s of start-up)
     procs = [_spawn(_args(tiny, tmp_path / f"w{i}", *common), sleep_s=0.5) for i in range(2)]
-    _wait_for(pg_url, name, lambda c: c["COMPLETE"] >= 4)
+    _wait_for(pg_url, name, lambda c: c["COMPLETE"] >= 4, procs)
     procs.append(_spawn(_args(tiny, tmp_path / "w2", *common), sleep_s=0.5))  # joins the running study
     results = [_finish(p) for p in procs]
     for rc, _, err in results:
@@ -160,7 +167,7 @@ def test_a_killed_workers_trial_is_retried_and_the_study_completes(tiny, tmp_pat
     common = ["--storage", url, "--study", name, "--trials", "6", "--heartbeat", "1"]
     victim = _spawn(_args(tiny, tmp_path / "a", *common), sleep_s=1.5)
     try:
-        _wait_for(url, name, lambda c: c["COMPLETE"] >= 1 and c["RUNNING"] == 1)
+        _wait_for(url, name, lambda c: c["COMPLETE"] >= 1 and c["RUNNING"] == 1, [victim])
     finally:
         victim.kill()
     victim.wait()
@@ -196,7 +203,7 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(tiny, tmp_path, capsys, jobs)
     name = f"{MODEL}-2GB"
     proc = _spawn(_args(tiny, out, "--trials", "8", "--jobs", str(jobs)), sleep_s=1.0, session=True)
     try:
-        before = _wait_for(url, name, lambda c: c["COMPLETE"] >= 1 and c["RUNNING"] == jobs)
+        before = _wait_for(url, name, lambda c: c["COMPLETE"] >= 1 and c["RUNNING"] == jobs, [proc])
         os.killpg(proc.pid, signal.SIGINT)
         rc, _, err = _finish(proc, timeout=60)
     finally:
