@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -48,3 +49,32 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def read_versioned(file: Path, parse, *, version: Any, source: str, redo: str,
+                   required: tuple[str, ...] = (), errors: tuple[type[BaseException], ...] = ()) -> dict:
+    """Read one versioned metadata document (tuning.json, profile.yaml, ...) for the readers of
+    ExpertFlow's outputs: `parse(text)` must give a dict whose "version" is `version` and that
+    has every key of `required`. Anything else is one DataError line naming `source` (how the
+    file is called in the message) and ending in `redo` (what to run to make it again).
+    `errors` are the parser's own exception types, reported as "corrupt"."""
+    from .errors import DataError
+
+    try:
+        meta = parse(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, OSError, *errors) as exc:
+        raise DataError(f"{source} is corrupt ({exc.__class__.__name__}); {redo}") from None
+    check_version(meta, version=version, source=source, redo=redo)
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise DataError(f"{source} lacks {missing}; it is truncated or from another tool; {redo}")
+    return meta
+
+
+def check_version(meta: Any, *, version: Any, source: str, redo: str) -> None:
+    """DataError unless `meta` is a dict of this ExpertFlow's format `version`."""
+    from .errors import DataError
+
+    if not isinstance(meta, dict) or meta.get("version") != version:
+        v = meta.get("version") if isinstance(meta, dict) else type(meta).__name__
+        raise DataError(f"{source} has version {v!r}; this ExpertFlow reads version {version}; {redo}")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .fsutil import atomic_path
+from .fsutil import atomic_path, check_version
 
 TRACE_VERSION = 1
 PREFILL, DECODE = 0, 1
@@ -124,10 +124,8 @@ class RoutingTrace:
         except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, json.JSONDecodeError) as exc:
             raise DataError(f"trace file {str(p)!r} is corrupt or truncated ({exc.__class__.__name__}); "
                             "re-record it with ef-profile") from None
-        if not isinstance(meta, dict) or meta.get("version") != TRACE_VERSION:
-            v = meta.get("version") if isinstance(meta, dict) else None
-            raise DataError(f"trace file {str(p)!r} has version {v!r}; this ExpertFlow reads "
-                            f"version {TRACE_VERSION}; re-record it with ef-profile")
+        check_version(meta, version=TRACE_VERSION, source=f"trace file {str(p)!r}",
+                      redo="re-record it with ef-profile")
         t = cls(ids=arrays["ids"].astype(np.int64), weights=arrays["weights"].astype(np.float32),
                 pred=arrays["pred"].astype(np.int64), seq=arrays["seq"], pos=arrays["pos"],
                 steps=arrays["steps"], meta=meta)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from expertflow.errors import DataError
-from expertflow.fsutil import atomic_write_text
+from expertflow.fsutil import atomic_write_text, read_versioned
 
 from . import data
 
@@ -59,15 +59,8 @@ def load_tuning(out_dir: str | os.PathLike) -> dict:
     if not f.is_file():
         raise DataError(f"{str(d)!r} has no tuning.json: not an ef-tune output folder, or the run did "
                         "not finish; run ef-tune --out DIR (or --resume it) first")
-    try:
-        tuning = json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise DataError(f"{str(f)!r} is corrupt ({exc.__class__.__name__}); re-run ef-tune "
-                        "--resume to rewrite it") from None
-    if not isinstance(tuning, dict) or tuning.get("version") != TUNING_VERSION:
-        v = tuning.get("version") if isinstance(tuning, dict) else type(tuning).__name__
-        raise DataError(f"{str(f)!r} has version {v!r}; this ExpertFlow reads tuning.json version "
-                        f"{TUNING_VERSION}; re-run ef-tune")
+    tuning = read_versioned(f, json.loads, version=TUNING_VERSION, source=f"{str(f)!r}",
+                            redo="re-run ef-tune (--resume rewrites it)", errors=(json.JSONDecodeError,))
     missing = [k for k in REQUIRED_KEYS if not isinstance(tuning.get(k), dict)]
     if missing:
         raise DataError(f"{str(f)!r} lacks {missing}; it is truncated or from another tool; re-run ef-tune")

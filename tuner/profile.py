@@ -45,6 +45,7 @@ import pandas as pd
 import yaml
 
 from expertflow.errors import DataError
+from expertflow.fsutil import read_versioned
 from expertflow.trace import RoutingTrace
 
 PROFILE_VERSION = 1
@@ -168,18 +169,10 @@ class Profile:
         if not meta_file.is_file():
             raise DataError(f"{str(d)!r} is not a profile: no profile.yaml in it (incomplete or "
                             "wrong folder); run ef-profile --out DIR")
-        try:
-            meta = yaml.safe_load(meta_file.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
-            raise DataError(f"profile file {str(meta_file)!r} is corrupt ({exc.__class__.__name__}); "
-                            "re-run ef-profile") from None
-        if not isinstance(meta, dict) or meta.get("version") != PROFILE_VERSION:
-            v = meta.get("version") if isinstance(meta, dict) else None
-            raise DataError(f"profile {str(d)!r} has version {v!r}; this ExpertFlow reads version "
-                            f"{PROFILE_VERSION}; re-run ef-profile")
-        for key in ("profile_id", "model", "hardware", "routing", "timing"):
-            if key not in meta:
-                raise DataError(f"profile file {str(meta_file)!r} lacks {key!r}; re-run ef-profile")
+        meta = read_versioned(meta_file, yaml.safe_load, version=PROFILE_VERSION,
+                              source=f"profile file {str(meta_file)!r}", redo="re-run ef-profile",
+                              required=("profile_id", "model", "hardware", "routing", "timing"),
+                              errors=(yaml.YAMLError,))
         files = meta.get("files") or {}
         trace = RoutingTrace.load(d / files.get("trace", "trace.npz"))
         tables: dict[str, pd.DataFrame] = {}

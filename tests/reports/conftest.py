@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _timing import timing_tables
 
 L, E, K, D = 4, 16, 4, 3  # MoE layers, experts, top-k, predictor lookahead (tiny-qwen3-moe)
 BYTES_PER_EXPERT = 12288
@@ -84,24 +85,8 @@ def _tables(trace) -> dict[str, pd.DataFrame]:
             recall = float(np.mean(hits)) / K
             pred_rows.append({"lookahead": d, "layer": layer, "recall": recall,
                               "precision": recall * 0.95})
-    sizes = [2**p for p in range(14, 29, 2)]
-    transfer = []
-    for pinned, gbps, lat in ((True, 52.0, 0.008), (False, 15.0, 0.02)):
-        for b in sizes:
-            ms = lat + b / (gbps * 1e6)
-            transfer.append({"bytes": b, "pinned": pinned, "concurrency": 1, "median_ms": ms,
-                             "p10_ms": ms * 0.95, "p90_ms": ms * 1.1, "gbps": b / ms / 1e6})
-    toks = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-    kernel = pd.DataFrame({"tokens": toks, "median_ms": [0.10 + 2e-4 * t for t in toks],
-                           "p10_ms": [0.09 + 2e-4 * t for t in toks],
-                           "p90_ms": [0.12 + 2e-4 * t for t in toks]})
-    layer = pd.DataFrame({"tokens": toks, "median_ms": [0.05 + 1e-3 * t for t in toks],
-                          "p10_ms": [0.045 + 1e-3 * t for t in toks],
-                          "p90_ms": [0.06 + 1e-3 * t for t in toks]})
-    runtime = pd.DataFrame({"name": ["decode_layer_ms", "sync_ms", "host_pre_fraction"],
-                            "value": [1.2, 0.02, 0.6]})
     return {"activation": act, "predictor": pd.DataFrame(pred_rows),
-            "transfer": pd.DataFrame(transfer), "kernel": kernel, "layer": layer, "runtime": runtime}
+            **timing_tables(pinned_gbps=52.0, min_pow=14, max_pow=28)}
 
 
 HARDWARE = {"gpu_name": "NVIDIA H200", "gpu_memory_bytes": 150_754_820_096, "pcie_generation": 5,

@@ -3,6 +3,7 @@ the profiler, from the synthetic generator's uncalibrated knobs and H200-like ti
 
 from __future__ import annotations
 
+import _timing
 import numpy as np
 import pandas as pd
 
@@ -11,23 +12,8 @@ PINNED_GBPS, PAGEABLE_GBPS = 55.0, 15.0
 
 
 def timing_tables(decode_layer_ms: float = 1.2) -> dict[str, pd.DataFrame]:
-    sizes = [2**p for p in range(10, 31, 2)]
-    transfer = []
-    for pinned, gbps, lat in ((True, PINNED_GBPS, 0.008), (False, PAGEABLE_GBPS, 0.02)):
-        for b in sizes:
-            ms = lat + b / (gbps * 1e6)
-            transfer.append({"bytes": b, "pinned": pinned, "concurrency": 1, "median_ms": ms,
-                             "p10_ms": ms * 0.95, "p90_ms": ms * 1.1, "gbps": b / ms / 1e6})
-    toks = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-    kernel = pd.DataFrame({"tokens": toks, "median_ms": [0.10 + 2e-4 * t for t in toks],
-                           "p10_ms": [0.09 + 2e-4 * t for t in toks],
-                           "p90_ms": [0.12 + 2e-4 * t for t in toks]})
-    layer = pd.DataFrame({"tokens": toks, "median_ms": [0.05 + 1e-3 * t for t in toks],
-                          "p10_ms": [0.045 + 1e-3 * t for t in toks],
-                          "p90_ms": [0.06 + 1e-3 * t for t in toks]})
-    runtime = pd.DataFrame({"name": ["decode_layer_ms", "sync_ms", "host_pre_fraction"],
-                            "value": [decode_layer_ms, 0.02, 0.6]})
-    return {"transfer": pd.DataFrame(transfer), "kernel": kernel, "layer": layer, "runtime": runtime}
+    return _timing.timing_tables(pinned_gbps=PINNED_GBPS, pageable_gbps=PAGEABLE_GBPS,
+                                 decode_layer_ms=decode_layer_ms)
 
 
 def synthetic_trace(spec, *, seqs: int = 6, seq_len: int = 48, seed: int = 0, skew: float = 1.5,
