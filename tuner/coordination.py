@@ -13,7 +13,9 @@ many machines sharing a PostgreSQL `--storage`) runs `work()`. The rules that ma
 * **Heartbeats**: a thread records one every `heartbeat_interval` seconds while a trial runs. A
   worker killed mid-trial (SIGKILL, a lost machine) stops beating; after the grace period the
   next worker that claims fails that trial, and the storage's retry callback queues its params
-  again (WAITING), so the trial is re-run elsewhere.
+  again (WAITING), so the trial is re-run elsewhere. A worker killed between claiming a trial and
+  its first beat leaves a RUNNING trial with no heartbeat; the next worker under the mutex gives
+  it one, so it expires the same way (`fail_stale`).
 * **Ctrl-C / SIGTERM** are held while a trial is claimed, run and recorded (well under a second):
   the worker finishes that trial, then stops, so nothing is half-recorded and `--resume` goes on.
   A second Ctrl-C stops at once; the trial is then failed and queued again like a dead one.
@@ -264,12 +266,38 @@ def tally(study) -> Tally:
 
 def fail_stale(study) -> None:
     """Fail the trials of workers whose heartbeat stopped (their retry is queued by the storage's
-    callback). A no-op without heartbeats."""
+    callback). A no-op without heartbeats. Call it under the study's lock: then a RUNNING trial
+    with no heartbeat at all belongs to a worker that died between claiming it and its first
+    beat (both happen under the lock); it gets a heartbeat now, so it expires like any other."""
     import optuna
 
+    storage = study._storage
+    if heartbeat_interval(storage):
+        for trial_id in _unbeaten_running_trials(storage, study._study_id):
+            log.warning("trial id %d has run without a heartbeat: its worker died before the first "
+                        "beat; it will be retried after the grace period", trial_id)
+            storage.record_heartbeat(trial_id)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+
+
+def _unbeaten_running_trials(storage, study_id: int) -> list[int]:
+    """Ids of the RUNNING trials of `study_id` that never recorded a heartbeat (RDB storages)."""
+    import optuna
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    rdb = getattr(storage, "_backend", storage)  # _CachedStorage wraps the RDBStorage
+    engine = getattr(rdb, "engine", None)
+    if engine is None:
+        return []
+    T, H = models.TrialModel, models.TrialHeartbeatModel
+    query = (sqlalchemy.select(T.trial_id)
+             .where(T.study_id == study_id, T.state == optuna.trial.TrialState.RUNNING,
+                    ~sqlalchemy.exists().where(H.trial_id == T.trial_id)))
+    with engine.connect() as conn:
+        return [int(r[0]) for r in conn.execute(query)]
 
 
 def retry_callback(max_retry: int):

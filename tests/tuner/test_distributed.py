@@ -158,12 +158,15 @@ def test_three_workers_share_one_postgres_study(tiny, pg_url, tmp_path):
 
 
 # ---- a worker killed mid-trial ------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def test_a_killed_workers_trial_is_retried_and_the_study_completes(tiny, tmp_path, backend, request):
+@pytest.mark.parametrize(("backend", "beat"), [("sqlite", True), ("sqlite", False),
+                                               pytest.param("postgres", True, marks=pytest.mark.postgres)])
+def test_a_killed_workers_trial_is_retried_and_the_study_completes(tiny, tmp_path, backend, beat, request):
     """SIGKILL a worker in the middle of a trial: its trial stays RUNNING until its heartbeat is
-    3 beats late; then the next worker fails it, re-runs its params and completes the study."""
+    3 beats late; then the next worker fails it, re-runs its params and completes the study.
+    `beat=False`: the worker died between claiming the trial and its first heartbeat (its
+    heartbeat row is deleted here); the next worker must not wait for that trial for ever."""
     url = request.getfixturevalue("pg_url") if backend == "postgres" else f"sqlite:///{tmp_path / 'shared.db'}"
-    name = f"killed-{backend}"
+    name = f"killed-{backend}-{beat}"
     common = ["--storage", url, "--study", name, "--trials", "6", "--heartbeat", "1"]
     victim = _spawn(_args(tiny, tmp_path / "a", *common), sleep_s=1.5)
     try:
@@ -174,6 +177,8 @@ def test_a_killed_workers_trial_is_retried_and_the_study_completes(tiny, tmp_pat
     assert victim.returncode == -signal.SIGKILL
     stuck = [t for t in _study(url, name).trials if t.state.name == "RUNNING"]
     assert len(stuck) == 1
+    if not beat:
+        _delete_heartbeat(url, stuck[0]._trial_id)
 
     rc, last, err = _finish(_spawn(_args(tiny, tmp_path / "b", *common)))
     assert rc == 0 and last["exported"], err[-2000:]
@@ -187,6 +192,17 @@ def test_a_killed_workers_trial_is_retried_and_the_study_completes(tiny, tmp_pat
     _check_baselines_once(study)
     assert (tmp_path / "b" / "config.yaml").is_file() and not (tmp_path / "a" / "config.yaml").exists()
     _no_half_files(tmp_path)
+
+
+def _delete_heartbeat(url, trial_id) -> None:
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as conn:
+        H = models.TrialHeartbeatModel
+        assert conn.execute(sqlalchemy.delete(H).where(H.trial_id == trial_id)).rowcount == 1
+    engine.dispose()
 
 
 # ---- Ctrl-C and --resume ------------------------------------------------------------------------
