@@ -8,7 +8,10 @@ Rows:
   ExpertFlow LRU, no prefetch, at each budget
   ExpertFlow default config (default_config), at each budget
   ExpertFlow tuned config (--config FILE ...), if given
-Columns: decode tokens/s, hit rate, stall ms/token, bytes moved/token, peak GPU memory
+Every ExpertFlow and all-on-GPU row is measured --rounds times (default 3), the offloaded and the
+all-on-GPU phases alternating, and shows its median round and the min-max over rounds: the GPU
+host is shared and its speed drifts between runs, and a single first row once came out at half
+speed. Columns: decode tokens/s (median, min-max), hit rate, stall ms/token, bytes moved/token, peak GPU memory
 (allocated and reserved, measured from attach to the end of decode).
 
     python bench/decode.py --budgets 24GB 12GB --new-tokens 128 --json $OUT/decode.json
@@ -34,7 +37,7 @@ from expertflow.budget import format_bytes, parse_size, plan_memory  # noqa: E40
 from expertflow.config import default_config, load_config  # noqa: E402
 from expertflow.registry import resolve_model  # noqa: E402
 from expertflow.runtime.generate import greedy_generate  # noqa: E402
-from expertflow.runtime.loading import build_model  # noqa: E402
+from expertflow.runtime.loading import build_model, experts_to_host  # noqa: E402
 from expertflow.runtime.offload import offload  # noqa: E402
 
 
@@ -73,6 +76,15 @@ def memory_window():
 
 def peaks():
     return torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (the lower middle one for an even count), with the
+    spread of all runs: tokens_per_s_runs lists every round's value."""
+    ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    row["tokens_per_s_runs"] = [r["tokens_per_s"] for r in runs]
+    return row
 
 
 def ef_row(model, cfg, ids, new_tokens, label, budget_bytes):
@@ -140,6 +152,9 @@ def main(argv=None):
     ap.add_argument("--accelerate-tokens", type=int, default=12)
     ap.add_argument("--skip-accelerate", action="store_true")
     ap.add_argument("--config", nargs="*", default=[], help="tuned config.yaml files (label = parent dir)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="measure every ExpertFlow and all-on-GPU row this many times, alternating the "
+                         "two phases; the table shows each row's median round and its min-max")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile-host", action="store_true",
                     help="also print where the host time of 16 ExpertFlow decode steps goes (cProfile)")
@@ -151,45 +166,57 @@ def main(argv=None):
     print(f"built {spec.name} on {torch.cuda.get_device_name()} in {time.perf_counter() - t0:.1f} s", flush=True)
     ids = torch.randint(0, spec.vocab_size, (1, args.prompt_tokens),
                         generator=torch.Generator().manual_seed(0)).cuda()
-    rows = []
     model.set_experts_implementation("batched_mm")
     # Warm-up row (discarded): first CUDA/cuBLAS use, pinned-memory first touch.
     ef_row(model, default_config(spec, plan_memory(spec, args.budgets[0])), ids, 16, "warm-up", 0)
+    ef_rows = []  # (label, config, budget bytes)
     for budget in args.budgets:
         plan = plan_memory(spec, budget)
         base = default_config(spec, plan)
-        variants = [("ExpertFlow LRU, no prefetch", base.with_values({"prefetch.depth": 0})),
-                    ("ExpertFlow default config", base)]
-        for label, cfg in variants:
-            rows.append(ef_row(model, cfg, ids, args.new_tokens, f"{label} @ {budget}", plan.budget_bytes))
-            print(rows[-1], flush=True)
-    if args.profile_host:
-        profile_host(model, default_config(spec, plan_memory(spec, args.budgets[0])), ids)
+        ef_rows += [(f"ExpertFlow LRU, no prefetch @ {budget}", base.with_values({"prefetch.depth": 0}),
+                     plan.budget_bytes),
+                    (f"ExpertFlow default config @ {budget}", base, plan.budget_bytes)]
     for path in args.config:
         cfg = load_config(path)
-        label = f"ExpertFlow tuned ({Path(path).parent.name}) @ {cfg.memory.budget_text}"
-        rows.append(ef_row(model, cfg, ids, args.new_tokens, label, cfg.memory.budget_bytes))
-        print(rows[-1], flush=True)
-    model.to("cuda")  # the whole model resident: the baseline to beat
-    base_rows = []
-    for backend in ("batched_mm", "grouped_mm", "eager"):
-        model.set_experts_implementation(backend)
+        ef_rows.append((f"ExpertFlow tuned ({Path(path).parent.name}) @ {cfg.memory.budget_text}", cfg,
+                        cfg.memory.budget_bytes))
+    # Rounds alternate the offloaded phase and the all-on-GPU phase, so a drift of the shared host
+    # between phases shows as spread instead of as a ratio; each row reports its median round.
+    runs: dict[str, list[dict]] = {}
+    for rnd in range(args.rounds):
+        for label, cfg, budget_bytes in ef_rows:
+            runs.setdefault(label, []).append(ef_row(model, cfg, ids, args.new_tokens, label, budget_bytes))
+            print(f"round {rnd}: {runs[label][-1]}", flush=True)
+        if rnd == 0 and args.profile_host:
+            profile_host(model, default_config(spec, plan_memory(spec, args.budgets[0])), ids)
+        model.to("cuda")  # the whole model resident: the baseline to beat
+        for backend in ("batched_mm", "grouped_mm", "eager"):
+            model.set_experts_implementation(backend)
+            memory_window()
+            rate = hf_generate_rate(model, ids, args.new_tokens)
+            alloc, reserved = peaks()
+            label = f"transformers all-on-GPU, {backend}, generate()"
+            runs.setdefault(label, []).append(
+                {"row": label, "tokens_per_s": rate, "hit_rate": 1.0, "stall_ms_per_token": 0.0,
+                 "bytes_per_token": 0.0, "peak_alloc": alloc, "peak_reserved": reserved, "budget": None})
+            print(f"round {rnd}: {runs[label][-1]}", flush=True)
+        model.set_experts_implementation("batched_mm")
         memory_window()
-        rate = hf_generate_rate(model, ids, args.new_tokens)
+        rate, _ = ours_rate(model, ids, args.new_tokens)
         alloc, reserved = peaks()
-        base_rows.append({"row": f"transformers all-on-GPU, {backend}, generate()", "tokens_per_s": rate,
-                          "hit_rate": 1.0, "stall_ms_per_token": 0.0, "bytes_per_token": 0.0,
-                          "peak_alloc": alloc, "peak_reserved": reserved, "budget": None})
-        print(base_rows[-1], flush=True)
-    fastest = max(base_rows, key=lambda r: r["tokens_per_s"])["row"].split(", ")[1]
-    model.set_experts_implementation(fastest)
-    memory_window()
-    rate, _ = ours_rate(model, ids, args.new_tokens)
-    alloc, reserved = peaks()
-    base_rows.append({"row": f"transformers all-on-GPU, {fastest}, our decode loop", "tokens_per_s": rate,
-                      "hit_rate": 1.0, "stall_ms_per_token": 0.0, "bytes_per_token": 0.0,
-                      "peak_alloc": alloc, "peak_reserved": reserved, "budget": None})
-    print(base_rows[-1], flush=True)
+        label = "transformers all-on-GPU, batched_mm, our decode loop"
+        runs.setdefault(label, []).append(
+            {"row": label, "tokens_per_s": rate, "hit_rate": 1.0, "stall_ms_per_token": 0.0,
+             "bytes_per_token": 0.0, "peak_alloc": alloc, "peak_reserved": reserved, "budget": None})
+        print(f"round {rnd}: {runs[label][-1]}", flush=True)
+        if rnd + 1 < args.rounds:
+            experts_to_host(model)
+            model.set_experts_implementation("batched_mm")
+    medians = {label: median_row(rs) for label, rs in runs.items()}
+    base_rows = [r for label, r in medians.items() if label.startswith("transformers")]
+    rows = [r for label, r in medians.items() if not label.startswith("transformers")]
+    fastest = max((r for r in base_rows if r["row"].endswith("generate()")),
+                  key=lambda r: r["tokens_per_s"])["row"].split(", ")[1]
     rows = base_rows + rows
     if not args.skip_accelerate:
         model.set_experts_implementation(fastest)
@@ -210,13 +237,15 @@ def fmt(v, spec):
 
 
 def print_table(rows):
-    print(f"\n{'row':<58} {'tok/s':>7} {'hit':>6} {'stall ms/t':>10} {'MB/tok':>8} {'peak alloc':>11} {'peak resv':>11}")
+    print(f"\n{'row':<58} {'tok/s':>7} {'min-max':>13} {'hit':>6} {'stall ms/t':>10} {'MB/tok':>8} "
+          f"{'peak alloc':>11} {'peak resv':>11}")
     for r in rows:
         mb = None if r["bytes_per_token"] is None else r["bytes_per_token"] / 1e6
-        print(f"{r['row'][:58]:<58} {r['tokens_per_s']:>7.2f} {fmt(r['hit_rate'], '6.3f'):>6} "
+        each = r.get("tokens_per_s_runs")
+        spread = f"{min(each):.2f}-{max(each):.2f}" if each and len(each) > 1 else "-"
+        print(f"{r['row'][:58]:<58} {r['tokens_per_s']:>7.2f} {spread:>13} {fmt(r['hit_rate'], '6.3f'):>6} "
               f"{fmt(r['stall_ms_per_token'], '10.2f'):>10} {fmt(mb, '8.1f'):>8} "
               f"{format_bytes(r['peak_alloc']):>11} {format_bytes(r['peak_reserved']):>11}")
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,8 +28,9 @@ many machines sharing a PostgreSQL `--storage`) runs `work()`. The rules that ma
 
 Test-only knob: the environment variable `EXPERTFLOW_TEST_TRIAL_SLEEP_S` (seconds, default 0)
 makes every trial sleep that long after choosing its params and before simulating (read by
-`tuner.study.Objective`), so tests can kill or interrupt a worker in the middle of a trial. It is
-not meant for users.
+`tuner.study.Objective`), so tests can kill or interrupt a worker in the middle of a trial; such a
+trial first sets the user attr `ef:test_asleep`, so a test can wait until every param is stored.
+It is not meant for users.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 TEST_SLEEP_ENV = "EXPERTFLOW_TEST_TRIAL_SLEEP_S"
+TEST_ASLEEP_ATTR = "ef:test_asleep"  # user attr set (with the sleep only) once a trial has all its params
 EXPORT_ATTR = "ef:export"  # study user attr: who exported which results, where
 WORKERS_ATTR = "ef:workers"  # study user attr: workers that joined so far (sampler seed offset)
 TARGET_ATTR = "ef:n_trials"  # study user attr: the study's trial target (the largest asked for)

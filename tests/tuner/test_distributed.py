@@ -22,6 +22,7 @@ from collections import Counter
 import pytest
 
 from expertflow.errors import EXIT_INTERRUPTED
+from tuner.coordination import TEST_ASLEEP_ATTR
 
 MODEL = "tiny-qwen2-moe"
 WORKER = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
@@ -81,8 +82,10 @@ def _study(url, name):
 def _states(url, name) -> Counter:
     if url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite:///"):]):
         return Counter()
-    try:
-        return Counter(t.state.name for t in _study(url, name).get_trials(deepcopy=False))
+    try:  # ASLEEP: RUNNING trials that have stored all their params and sleep (tuner.coordination)
+        trials = _study(url, name).get_trials(deepcopy=False)
+        return Counter([t.state.name for t in trials] + ["ASLEEP" for t in trials if t.state.name == "RUNNING"
+                                                           and t.user_attrs.get(TEST_ASLEEP_ATTR)])
     except Exception:  # noqa: BLE001 - not created yet, or its tables are being created right now
         return Counter()
 
@@ -170,7 +173,7 @@ def test_a_killed_workers_trial_is_retried_and_the_study_completes(tiny, tmp_pat
     common = ["--storage", url, "--study", name, "--trials", "6", "--heartbeat", "1"]
     victim = _spawn(_args(tiny, tmp_path / "a", *common), sleep_s=1.5)
     try:
-        _wait_for(url, name, lambda c: c["COMPLETE"] >= 1 and c["RUNNING"] == 1, [victim])
+        _wait_for(url, name, lambda c: c["COMPLETE"] >= 1 and c["RUNNING"] == 1 and c["ASLEEP"] == 1, [victim])
     finally:
         victim.kill()
     victim.wait()
@@ -219,7 +222,7 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(tiny, tmp_path, capsys, jobs)
     name = f"{MODEL}-2GB"
     proc = _spawn(_args(tiny, out, "--trials", "8", "--jobs", str(jobs)), sleep_s=1.0, session=True)
     try:
-        before = _wait_for(url, name, lambda c: c["COMPLETE"] >= 1 and c["RUNNING"] == jobs, [proc])
+        before = _wait_for(url, name, lambda c: c["COMPLETE"] >= 1 and c["ASLEEP"] == jobs, [proc])
         os.killpg(proc.pid, signal.SIGINT)
         rc, _, err = _finish(proc, timeout=60)
     finally:
