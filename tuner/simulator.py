@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from expertflow.core import Scheduler, SchedulerParams
+from expertflow.core.adaptive_k import decide
 from expertflow.core.counters import Counters
 from expertflow.trace import DECODE, PREFILL, RoutingTrace
 
@@ -195,6 +196,11 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
     stall_ms = counters.stall_ms
     ids_all, w_all, pred_all = trace.ids, trace.weights, trace.pred
     E = trace.num_experts
+    adaptive = params.threshold < 1.0
+    if adaptive:  # adaptive-k depends on the weights only: decide every replayed row at once
+        rows = np.concatenate([t for t, _ in steps]) if steps else np.zeros(0, dtype=np.int64)
+        ak_keep, ak_w, ak_dropped = decide(w_all[rows], params.threshold, params.min_k, params.renormalize)
+    offset = 0
     for tok, kind in steps:
         T = len(tok)
         t_start = max(H, G)
@@ -212,7 +218,12 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
             G = max(G + layer_gpu, H)
             H = max(H, G) + sync_ms  # the router ids reach the host
             ids_m = ids_step[:, m]
-            route = sched.route(m, ids_m, w_step[:, m])
+            if adaptive:
+                rs = slice(offset, offset + T)
+                decided = (ak_keep[rs, m], ak_w[rs, m], float(ak_dropped[rs, m].sum()))
+                route = sched.route(m, ids_m, w_step[:, m], decided)
+            else:
+                route = sched.route(m, ids_m, w_step[:, m])
             if T == 1:
                 counts = None
             else:
@@ -244,6 +255,7 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
                     C = start + copy_ms
                     slot_ready[ld.slot] = C
                     step_loads += 1
+        offset += T
         H += dense_layers * costs.host_layer_ms + costs.step_overhead_ms
         G = max(G + dense_layers * layer_gpu, H - costs.step_overhead_ms)
         H = max(H, G)  # the next token needs this step's logits

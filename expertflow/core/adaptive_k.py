@@ -60,3 +60,16 @@ def dropped_mass(weights: np.ndarray, mask: np.ndarray) -> np.ndarray:
     total = w.sum(axis=1)
     kept = np.where(mask, w, 0.0).sum(axis=1)
     return np.divide(total - kept, total, out=np.zeros_like(total), where=total > 0)
+
+
+def decide(weights: np.ndarray, threshold: float, min_k: int = 1,
+           renormalize: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mask [..., k], new float32 weights [..., k], dropped mass share [...]) for any number of
+    leading dims: every row is decided on its own, so deciding a whole trace at once gives each
+    row exactly what deciding it alone would."""
+    w = np.asarray(weights, dtype=np.float32)
+    lead, k = w.shape[:-1], w.shape[-1]
+    flat = w.reshape(-1, k)
+    mask, new_w = apply(flat, threshold, min_k, renormalize)
+    dropped = dropped_mass(flat, mask)
+    return mask.reshape(*lead, k), new_w.reshape(*lead, k), dropped.reshape(lead)

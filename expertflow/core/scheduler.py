@@ -301,8 +301,15 @@ class Scheduler:
         if 0 < distance < len(self.precision):
             self.precision[distance] = 0.9 * self.precision[distance] + 0.1 * float(used)
 
-    def route(self, layer: int, ids: np.ndarray, weights: np.ndarray) -> Route:
-        """Decide one MoE layer visit. ids/weights: the router's top-k, [T, k]."""
+    def route(self, layer: int, ids: np.ndarray, weights: np.ndarray,
+              decided: tuple[np.ndarray, np.ndarray, float] | None = None) -> Route:
+        """Decide one MoE layer visit. ids/weights: the router's top-k, [T, k].
+
+        `decided`: the adaptive-k outcome for these rows, already computed by `adaptive_k.decide`
+        (keep mask, new weights, summed dropped mass). The rule is per row and depends on nothing
+        else, so a caller that knows every row in advance (the simulator) decides them all in
+        one call; the result is the same bit for bit.
+        """
         self.now += 1
         p, c = self.p, self.counters
         ids = np.asarray(ids)
@@ -315,10 +322,14 @@ class Scheduler:
             needed = sorted(set(ids.ravel().tolist()))
             c.activated[layer] += ids.size
         else:
-            keep, new_w = _ak.apply(weights, p.threshold, p.min_k, p.renormalize)
+            if decided is None:
+                keep, new_w, dropped = _ak.decide(weights, p.threshold, p.min_k, p.renormalize)
+                dropped = float(dropped.sum())
+            else:
+                keep, new_w, dropped = decided
             needed = sorted(set(ids[keep].tolist()))
             c.activated[layer] += int(keep.sum())
-            c.dropped_mass[layer] += float(_ak.dropped_mass(weights, keep).sum())
+            c.dropped_mass[layer] += dropped
         c.steps[layer] += 1
         c.tokens[layer] += T
         c.unique_needed[layer] += len(needed)

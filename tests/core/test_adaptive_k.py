@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from expertflow.core.adaptive_k import apply, dropped_mass, keep_mask
+from expertflow.core.adaptive_k import apply, decide, dropped_mass, keep_mask
 
 
 def test_threshold_one_keeps_every_expert():
@@ -62,3 +62,21 @@ def test_random_rows_satisfy_the_definition():
             assert csum[n - 1] >= thr * row.sum() - 1e-12  # it reaches the threshold
             if n > 1:
                 assert csum[n - 2] < thr * row.sum()  # and is the smallest that does
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_deciding_many_rows_at_once_equals_deciding_each_alone(renormalize):
+    """The simulator decides a whole trace [N, L, k] in one call; the runtime decides one layer
+    visit [T, k] at a time. Both must give every row the same bits."""
+    rng = np.random.default_rng(3)
+    w = rng.dirichlet(np.ones(8), size=(50, 3)).astype(np.float32)[..., :4]  # [N, L, k]
+    w[7, 1] = [0.25, 0.25, 0.25, 0.25]  # ties
+    mask, new_w, dropped = decide(w, 0.7, 2, renormalize)
+    assert mask.shape == (50, 3, 4) and new_w.dtype == np.float32 and dropped.shape == (50, 3)
+    for n in range(50):
+        for layer in range(3):
+            m1, w1 = apply(w[n, layer][None], 0.7, 2, renormalize)
+            assert np.array_equal(mask[n, layer], m1[0])
+            assert new_w[n, layer].tobytes() == w1[0].tobytes()
+            assert dropped[n, layer].tobytes() == dropped_mass(w[n, layer][None], m1)[0].tobytes()
+    assert not mask.all() and mask.sum(axis=-1).min() >= 2
