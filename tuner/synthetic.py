@@ -62,7 +62,8 @@ Targets (`RoutingTargets`) per family preset (all from ../shared/anchors.md unle
 
 Calibration is per model dims (E, k and L change what a knob value means):
 `preset_params(family, num_layers=..., num_experts=..., top_k=...)` fits a family's targets in
-2-20 s (cached per process); `fit_to_trace(trace)` fits per-layer targets measured on a trace.
+2-20 s (cached per process; for the registry's models the fit ships in tuner/data/
+synthetic_presets.json, made by bench/bundle_presets.py with the same function); `fit_to_trace(trace)` fits per-layer targets measured on a trace.
 Calibrated presets for the registry models (seed 0) and what a fresh 4,096-token trace shows:
 
     model             skew  local. pers. cross  fid.  sharp | traffic     LRU 15/25/35%   rep.  recall d1/d4/d20
@@ -543,10 +544,63 @@ def calibrate(targets: RoutingTargets, *, num_layers: int, num_experts: int, top
     return replace(p, fit_error=err)
 
 
+#: Bump when `calibrate` or `generate` changes what a calibration yields: bundled presets made
+#: by another version are then ignored (and tests/tuner/test_synthetic.py says to re-bundle).
+CALIBRATION_VERSION = 1
+BUNDLED_PRESETS = "data/synthetic_presets.json"  # in the tuner package; bench/bundle_presets.py
+
+
+def preset_key(family: str, *, num_layers: int, num_experts: int, top_k: int,
+               normalize_topk: bool = False) -> str:
+    """Identity of one calibration: the family's targets, the dims and CALIBRATION_VERSION."""
+    import hashlib
+
+    what = repr((CALIBRATION_VERSION, PRESETS[family_of(family)], family, num_layers, num_experts,
+                 top_k, bool(normalize_topk)))
+    return f"{family}-L{num_layers}-E{num_experts}-k{top_k}-" + hashlib.sha256(what.encode()).hexdigest()[:12]
+
+
+def params_to_json(p: SyntheticParams) -> dict:
+    """Every field at full precision (JSON floats round-trip exactly); `from_json` inverts it."""
+    d = asdict(p)
+    d.pop("layer_ids")
+    return d
+
+
+def params_from_json(d: dict) -> SyntheticParams:
+    return SyntheticParams(**{**d, "skew": tuple(d["skew"]), "locality": tuple(d["locality"])})
+
+
+@functools.lru_cache(maxsize=1)
+def _bundled_presets() -> dict:
+    import json
+    from importlib import resources
+
+    try:
+        text = resources.files("tuner").joinpath(BUNDLED_PRESETS).read_text(encoding="utf-8")
+    except (FileNotFoundError, OSError):
+        return {}
+    return json.loads(text)
+
+
 @functools.lru_cache(maxsize=32)
 def preset_params(family: str, *, num_layers: int, num_experts: int, top_k: int,
                   normalize_topk: bool = False) -> SyntheticParams:
-    """The family preset calibrated for these dims (a few seconds; cached per process)."""
+    """The family preset calibrated for these dims: bundled for the registry's models (made by
+    `calibrate` itself, bench/bundle_presets.py), else calibrated here (2-20 s; cached per
+    process)."""
+    key = preset_key(family, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
+                     normalize_topk=normalize_topk)
+    stored = _bundled_presets().get(key)
+    if stored is not None:
+        return params_from_json(stored)
+    return calibrate_preset(family, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
+                            normalize_topk=normalize_topk)
+
+
+def calibrate_preset(family: str, *, num_layers: int, num_experts: int, top_k: int,
+                     normalize_topk: bool = False) -> SyntheticParams:
+    """Fit the family's targets for these dims now (what the bundled presets store)."""
     targets = PRESETS[family_of(family)]
     return calibrate(targets, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
                      normalize_topk=normalize_topk, preset=family)

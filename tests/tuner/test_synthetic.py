@@ -138,3 +138,46 @@ def test_as_dict_is_plain_yaml():
     p = replace(params(), fit_error={"traffic_share": 0.001})
     d = yaml.safe_load(yaml.safe_dump(p.as_dict()))
     assert d["skew"] == [1.0] * 6 and d["preset"] == "custom" and "layer_ids" not in d
+
+
+# ---- bundled presets ----------------------------------------------------------------------------
+def _registry_dims():
+    from expertflow.registry import known_models, resolve_model
+
+    for name in known_models():
+        spec = resolve_model(name)
+        if not spec.tiny:
+            yield name, synthetic.family_of(spec.architecture), {
+                "num_layers": spec.num_moe_layers, "num_experts": spec.num_experts, "top_k": spec.top_k,
+                "normalize_topk": spec.norm_topk_prob}
+
+
+def test_every_registry_model_has_a_bundled_preset_and_preset_params_uses_it(monkeypatch):
+    bundled = synthetic._bundled_presets()
+    for name, family, dims in _registry_dims():
+        assert synthetic.preset_key(family, **dims) in bundled, (
+            f"{name}: no bundled synthetic preset for CALIBRATION_VERSION {synthetic.CALIBRATION_VERSION}; "
+            "run python bench/bundle_presets.py")
+    # a bundled model never calibrates; an unknown one does
+    synthetic.preset_params.cache_clear()
+    calls = []
+    monkeypatch.setattr(synthetic, "calibrate", lambda *a, **k: calls.append(k) or None)
+    name, family, dims = next(_registry_dims())
+    assert isinstance(synthetic.preset_params(family, **dims), SyntheticParams) and calls == []
+    synthetic.preset_params(family, **{**dims, "num_experts": dims["num_experts"] + 2})
+    assert len(calls) == 1
+    synthetic.preset_params.cache_clear()
+
+
+def test_a_bundled_preset_equals_a_fresh_calibration():
+    """bench/bundle_presets.py stores what calibrate gives: re-fit the cheapest model (mixtral,
+    ~3 s) and compare every knob and a generated trace. Fails when the calibration changed
+    without CALIBRATION_VERSION and a re-bundle."""
+    name, family, dims = next((n, f, d) for n, f, d in _registry_dims() if f == "mixtral")
+    fresh = synthetic.calibrate_preset(family, **dims)
+    stored = synthetic.params_from_json(synthetic._bundled_presets()[synthetic.preset_key(family, **dims)])
+    assert stored == fresh, f"{name}: bundled preset is stale; run python bench/bundle_presets.py"
+    assert stored.fit_error == pytest.approx(fresh.fit_error)
+    a = synthetic.generate(stored, [40, 24], seed=5)
+    b = synthetic.generate(fresh, [40, 24], seed=5)
+    assert np.array_equal(a.ids, b.ids) and np.array_equal(a.weights, b.weights) and np.array_equal(a.pred, b.pred)
