@@ -59,13 +59,34 @@ TARGET_ATTR = "ef:n_trials"  # study user attr: the study's trial target (the la
 
 # ---- the mutex ------------------------------------------------------------------------------
 class StudyLock:
-    """A mutex shared by every worker of one study; a context manager. Not re-entrant."""
+    """A mutex shared by every worker of one study; a context manager. Not re-entrant.
+
+    A thread lock orders the threads of this process (a cross-process lock is held per file or
+    connection, which the threads share); subclasses add the cross-process part in `_take` and
+    `_give`."""
+
+    def __init__(self) -> None:
+        self._local = threading.Lock()
 
     def acquire(self) -> None:
-        raise NotImplementedError
+        self._local.acquire()
+        try:
+            self._take()
+        except BaseException:
+            self._local.release()
+            raise
 
     def release(self) -> None:
-        raise NotImplementedError
+        try:
+            self._give()
+        finally:
+            self._local.release()
+
+    def _take(self) -> None:
+        """Take the cross-process part (the thread lock is held)."""
+
+    def _give(self) -> None:
+        """Give the cross-process part back (the thread lock is still held)."""
 
     def close(self) -> None:
         """Let go of what the lock holds open (a connection, a file)."""
@@ -79,46 +100,29 @@ class StudyLock:
 
 
 class _ThreadLock(StudyLock):
-    """In-process storage: one process, so a thread lock is the whole story."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-
-    def acquire(self) -> None:
-        self._lock.acquire()
-
-    def release(self) -> None:
-        self._lock.release()
+    """In-process storage: one process, so the thread lock is the whole story."""
 
 
 class _FileLock(StudyLock):
     """`flock` on a file beside the SQLite study: the kernel releases it when the holder dies."""
 
     def __init__(self, path: Path) -> None:
+        super().__init__()
         self.path = path
         self._fd: int | None = None
-        self._local = threading.Lock()  # flock is per open file; threads of one worker share it
 
-    def acquire(self) -> None:
+    def _take(self) -> None:
         import fcntl
 
-        self._local.acquire()
-        try:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._local.release()
-            raise
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
 
-    def release(self) -> None:
+    def _give(self) -> None:
         import fcntl
 
-        try:
-            if self._fd is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            self._local.release()
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -131,10 +135,10 @@ class _PgAdvisoryLock(StudyLock):
     dropped by the server when the connection goes (the worker died)."""
 
     def __init__(self, url: str, key: int) -> None:
+        super().__init__()
         self.url, self.key = url, key
         self._engine = None
         self._conn = None
-        self._local = threading.Lock()
 
     def _connection(self):
         if self._conn is None:
@@ -151,29 +155,21 @@ class _PgAdvisoryLock(StudyLock):
                 raise storage_error(self.url, exc) from None
         return self._conn
 
-    def acquire(self) -> None:
+    def _take(self) -> None:
         import sqlalchemy
 
         from .study import storage_error
 
-        self._local.acquire()
         try:
             self._connection().execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
         except sqlalchemy.exc.SQLAlchemyError as exc:  # the server went away
-            self._local.release()
             raise storage_error(self.url, exc) from None
-        except BaseException:
-            self._local.release()
-            raise
 
-    def release(self) -> None:
+    def _give(self) -> None:
         import sqlalchemy
 
-        try:
-            if self._conn is not None:
-                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
-        finally:
-            self._local.release()
+        if self._conn is not None:
+            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
 
     def close(self) -> None:
         if self._conn is not None:

@@ -42,6 +42,7 @@ from typing import Any
 from expertflow.errors import ConfigError, ExpertFlowError, StorageError
 
 from .cli import DEFAULT_HEARTBEAT_S
+from .coordination import TEST_ASLEEP_ATTR, TEST_SLEEP_ENV
 from .search_space import SearchSpace, suggest
 
 log = logging.getLogger(__name__)
@@ -261,15 +262,12 @@ class Objective:
     def __init__(self, ctx: StudyContext):
         self.ctx = ctx
         self._memo: dict[tuple, tuple[dict, dict]] = {}
-        from .coordination import TEST_ASLEEP_ATTR, TEST_SLEEP_ENV
-
         self._sleep_s = float(os.environ.get(TEST_SLEEP_ENV) or 0.0)
-        self._asleep_attr = TEST_ASLEEP_ATTR
 
     def __call__(self, trial) -> tuple[float, float]:
         values = suggest(trial, self.ctx.space)
         if self._sleep_s:  # test-only (tuner/coordination.py): a trial long enough to kill
-            trial.set_user_attr(self._asleep_attr, True)  # its params are all in the storage now
+            trial.set_user_attr(TEST_ASLEEP_ATTR, True)  # its params are all in the storage now
             time.sleep(self._sleep_s)
         key = tuple(sorted(values.items()))
         try:

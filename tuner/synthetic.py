@@ -62,8 +62,9 @@ Targets (`RoutingTargets`) per family preset (all from ../shared/anchors.md unle
 
 Calibration is per model dims (E, k and L change what a knob value means):
 `preset_params(family, num_layers=..., num_experts=..., top_k=...)` fits a family's targets in
-2-20 s (cached per process; for the registry's models the fit ships in tuner/data/
-synthetic_presets.json, made by bench/bundle_presets.py with the same function); `fit_to_trace(trace)` fits per-layer targets measured on a trace.
+2-20 s (cached per process; for the registry's models the fit ships in
+tuner/data/synthetic_presets.json, made by bench/bundle_presets.py with the same function);
+`fit_to_trace(trace)` fits per-layer targets measured on a trace.
 Calibrated presets for the registry models (seed 0) and what a fresh 4,096-token trace shows:
 
     model             skew  local. pers. cross  fid.  sharp | traffic     LRU 15/25/35%   rep.  recall d1/d4/d20
@@ -561,7 +562,7 @@ def preset_key(family: str, *, num_layers: int, num_experts: int, top_k: int,
 
 
 def params_to_json(p: SyntheticParams) -> dict:
-    """Every field at full precision (JSON floats round-trip exactly); `from_json` inverts it."""
+    """Every field at full precision (JSON floats round-trip exactly); `params_from_json` inverts it."""
     d = asdict(p)
     d.pop("layer_ids")
     return d
