@@ -87,6 +87,12 @@ class Cache(_Strict):
                           "capacity_experts")
     policy: Policy = Field("lru", description="eviction policy: lru, lfu, static (pin the "
                                               "hottest experts from the profile), expertflow")
+    read_through_slots: int = Field(
+        2, ge=0, le=16, description="graph engine: free slots per layer and step parity that a "
+                                    "missed expert is written into while the kernel reads it from the "
+                                    "host (admission without a second transfer); more admits more "
+                                    "misses per step but keeps 2x as many slots out of the live cache; "
+                                    "0 = never admit (misses are only read)")
     warm_start: bool = Field(True, description="fill the slots with the profile's hottest experts "
                                                "at attach (fewer cold misses, slower attach)")
     expertflow: ExpertFlowPolicy = Field(default_factory=ExpertFlowPolicy)
@@ -148,6 +154,12 @@ class Runtime(_Strict):
     experts_kernel: Literal["auto", "batched_mm", "grouped_mm", "eager"] = Field(
         "auto", description="transformers experts kernel run over the slot pool; auto = batched_mm "
                             "for few token-expert pairs (decode), grouped_mm for many (prefill)")
+    engine: Literal["auto", "graph", "eager"] = Field(
+        "auto", description="decode executor: graph = the decode step captured as one CUDA graph, "
+                            "experts read through a device address table, cache decisions one step "
+                            "behind (expertflow.engine); eager = transformers modules per step with "
+                            "one host sync per MoE layer (the reference); auto = graph on CUDA, "
+                            "eager on CPU")
 
 
 class Provenance(_Strict):

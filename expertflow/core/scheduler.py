@@ -242,10 +242,11 @@ class Scheduler:
         E = self.p.num_experts
         for pi, part in enumerate(self.partitions):
             layers = self._layers_of(pi)
+            n = len(part.free)  # the free slots (the engine keeps its staging slots out of them)
             if len(layers) == 1:
-                keys = [(layers[0], e) for e in hottest[layers[0]][:part.capacity]]
+                keys = [(layers[0], e) for e in hottest[layers[0]][:n]]
             else:
-                order = np.argsort(-self.stats.prior, axis=None, kind="stable")[:part.capacity]
+                order = np.argsort(-self.stats.prior, axis=None, kind="stable")[:n]
                 keys = [(int(o) // E, int(o) % E) for o in order]
             for layer, e in keys:
                 ld = self._admit(layer, e, (), prefetch=False, distance=0)

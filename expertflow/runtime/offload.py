@@ -26,8 +26,6 @@ import json
 import logging
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
@@ -37,7 +35,8 @@ from ..core import Route, Scheduler, SchedulerParams
 from ..core.counters import Counters
 from ..errors import DeviceError, ModelError
 from ..trace import DECODE, PREFILL, RoutingTrace, TraceRecorder
-from .adapters import MoEBlock, find_moe_blocks
+from .adapters import find_moe_blocks
+from .store import HostStore, SlotPool
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +63,22 @@ def register_backend() -> None:
     ExpertsInterface.register(BACKEND_NAME, _experts_forward)
 
 
+def check_config_matches(model: nn.Module, config: RuntimeConfig) -> None:
+    """Refuse a config made for another model (by dims fingerprint): ModelError."""
+    from ..registry import spec_from_hf_config
+
+    spec = spec_from_hf_config(model.config, type(model).__name__)
+    if spec.fingerprint != config.model.fingerprint:
+        d = spec.dims()
+        raise ModelError(
+            f"config was made for {config.model.name!r} ({config.model.architecture}, "
+            f"{config.model.num_moe_layers} MoE layers, {config.model.num_experts} experts, "
+            f"top-{config.model.top_k}, fingerprint {config.model.fingerprint}) but this model is "
+            f"{d['architecture']} with {len(d['moe_layers'])} MoE layers, {d['num_experts']} experts, "
+            f"top-{d['top_k']}, hidden {d['hidden_size']} (fingerprint {spec.fingerprint}); tune a "
+            "config for this model with ef-tune")
+
+
 class _PoolView:
     """Duck-typed stand-in for an `*Experts` module whose experts are the GPU slots, so that
     transformers' own kernels (batched_mm / grouped_mm / eager) run over the slot pool."""
@@ -83,13 +98,6 @@ class _PoolView:
         self._is_expert_parallel = False
 
 
-@dataclass
-class _Saved:
-    block: MoEBlock
-    device: torch.device
-    requires_grad: bool
-
-
 class OffloadHandle(AbstractContextManager):
     """The attached scheduler of one model. Use as a context manager or call `detach()`.
 
@@ -102,7 +110,7 @@ class OffloadHandle(AbstractContextManager):
         self.model = model
         self.config = config
         self.blocks = find_moe_blocks(model)
-        self._check_model(config)
+        check_config_matches(model, config)
         self.device = torch.device(device or config.runtime.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise DeviceError(f"config runtime.device is {config.runtime.device!r} but no CUDA GPU is "
@@ -129,46 +137,20 @@ class OffloadHandle(AbstractContextManager):
         self._attach()
 
     # ---- attach / detach ------------------------------------------------------------------
-    def _check_model(self, config: RuntimeConfig) -> None:
-        from ..registry import spec_from_hf_config
-
-        spec = spec_from_hf_config(self.model.config, type(self.model).__name__)
-        if spec.fingerprint != config.model.fingerprint:
-            d = spec.dims()
-            raise ModelError(
-                f"config was made for {config.model.name!r} ({config.model.architecture}, "
-                f"{config.model.num_moe_layers} MoE layers, {config.model.num_experts} experts, "
-                f"top-{config.model.top_k}, fingerprint {config.model.fingerprint}) but this model is "
-                f"{d['architecture']} with {len(d['moe_layers'])} MoE layers, {d['num_experts']} experts, "
-                f"top-{d['top_k']}, hidden {d['hidden_size']} (fingerprint {spec.fingerprint}); tune a "
-                "config for this model with ef-tune")
-
     def _attach(self) -> None:
         register_backend()
         model, cfg = self.model, self.config
         first = self.blocks[0].experts
         self.dtype = first.gate_up_proj.dtype
-        self.gate_up_shape = tuple(first.gate_up_proj.shape[1:])
-        self.down_shape = tuple(first.down_proj.shape[1:])
         pin = self.cuda and cfg.runtime.pin_memory
-        self.host_gate_up: list[torch.Tensor] = []
-        self.host_down: list[torch.Tensor] = []
-        self._saved: list[_Saved] = []
-        for b in self.blocks:
-            ex = b.experts
-            gu, dn = ex.gate_up_proj, ex.down_proj
-            self._saved.append(_Saved(b, gu.device, gu.requires_grad))
-            self.host_gate_up.append(self._to_host(gu.detach(), pin))
-            self.host_down.append(self._to_host(dn.detach(), pin))
-            del ex._parameters["gate_up_proj"], ex._parameters["down_proj"]
-            ex._expertflow = (self, b.moe_index)
+        self.store = HostStore(self.blocks, pin, self)
+        self.host_gate_up, self.host_down = self.store.gate_up, self.store.down
         # Everything that is not a routed expert lives on the device.
         model.to(self.device)
-        self.expert_bytes = (int(np.prod(self.gate_up_shape)) + int(np.prod(self.down_shape))) * \
-            torch.finfo(self.dtype).bits // 8
+        self.expert_bytes = self.store.expert_bytes
         S = self.sched.num_slots
-        self.pool_gate_up = torch.empty((S, *self.gate_up_shape), dtype=self.dtype, device=self.device)
-        self.pool_down = torch.empty((S, *self.down_shape), dtype=self.dtype, device=self.device)
+        self.pool = SlotPool(self.store, S, self.device)
+        self.pool_gate_up, self.pool_down = self.pool.gate_up, self.pool.down
         self.views = [_PoolView(b.experts, self.pool_gate_up, self.pool_down) for b in self.blocks]
         # Predictor: every MoE layer's gate, stacked, to score the next layers' experts.
         self.pred_weight_t = torch.stack([b.router.weight.detach().to(self.device, self.dtype).t()
@@ -195,22 +177,12 @@ class OffloadHandle(AbstractContextManager):
                        model.register_forward_hook(self._post_forward)]
         # Warm start: fill the slots with the profile's hottest experts.
         for ld in self.sched.warm_start_loads():
-            self.pool_gate_up[ld.slot].copy_(self.host_gate_up[ld.layer][ld.expert])
-            self.pool_down[ld.slot].copy_(self.host_down[ld.layer][ld.expert])
+            self.pool.fill(self.store, ld.layer, ld.expert, ld.slot)
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self._attached = True
         log.info("expertflow attached: %d MoE layers x %d experts, %d GPU slots (%s, %s), prefetch depth %d",
                  self.L, self.E, S, cfg.cache.scope, cfg.cache.policy, cfg.prefetch.depth)
-
-    def _to_host(self, t: torch.Tensor, pin: bool) -> torch.Tensor:
-        if t.device.type == "cpu":
-            if pin and not t.is_pinned():
-                return t.pin_memory()
-            return t
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
-        host.copy_(t)
-        return host
 
     def detach(self) -> None:
         """Restore the model exactly: expert parameters back in the tree, original backend."""
@@ -220,14 +192,10 @@ class OffloadHandle(AbstractContextManager):
             torch.cuda.synchronize(self.device)
         for h in self._hooks:
             h.remove()
-        for saved, gu, dn in zip(self._saved, self.host_gate_up, self.host_down):
-            ex = saved.block.experts
-            ex.gate_up_proj = nn.Parameter(gu.to(saved.device), requires_grad=saved.requires_grad)
-            ex.down_proj = nn.Parameter(dn.to(saved.device), requires_grad=saved.requires_grad)
-            del ex._expertflow
+        self.store.restore()
         self.model.set_experts_implementation(self._prev_impl if len(self._prev_impl) > 1
                                               else self._prev_impl.get("") or "grouped_mm")
-        self.pool_gate_up = self.pool_down = self._lut_dev = None
+        self.pool = self.pool_gate_up = self.pool_down = self._lut_dev = None
         self.views = []
         self._attached = False
         if self.cuda:
