@@ -1,23 +1,21 @@
-"""Decode benchmark on one GPU, all rows in ONE run (same weights, same prompt, same machine state).
+"""Decode benchmark on one GPU: every row in ONE run, interleaved rounds, replayed routing.
 
-Qwen1.5-MoE-A2.7B dims (`qwen2-moe`), random bf16 weights, batch 1, 32-token prompt, greedy.
-Rows:
-  transformers all-on-GPU, each experts backend (generate())     -> the baseline to beat
-  transformers all-on-GPU, batched_mm, our decode loop             -> isolates the loop's share
-  transformers + accelerate device_map, max_memory = budget        -> the offloading baseline
-  ExpertFlow LRU, no prefetch, at each budget
-  ExpertFlow default config (default_config), at each budget
-  ExpertFlow tuned config (--config FILE ...), if given
-Every ExpertFlow and all-on-GPU row is measured --rounds times (default 3), the offloaded and the
-all-on-GPU phases alternating, and shows its median round and the min-max over rounds: the GPU
-host is shared and its speed drifts between runs, and a single first row once came out at half
-speed. Columns: decode tokens/s (median, min-max), hit rate, stall ms/token, bytes moved/token, peak GPU memory
-(allocated and reserved, measured from attach to the end of decode).
+Qwen1.5-MoE-A2.7B dims (`qwen2-moe`), random bf16 weights, batch 1, greedy. Rows:
+  transformers all-on-GPU, generate(), its fastest experts backend     -> the baseline to beat
+  eager runtime (transformers modules per step) at the first budget      -> what the graph replaces
+  graph engine, every expert resident
+  graph engine at each --budgets value
+Routing in every offloaded row is REPLAYED from the calibrated synthetic trace (the profile's, as
+tuner.validate replays it): a random-weight router picks nearly the same experts every step and
+exercises no offloading. Each round measures every row once, in the same order; the table shows
+each row's median round and the min-max.
 
-    python bench/decode.py --budgets 24GB 12GB --new-tokens 128 --json $OUT/decode.json
+Columns: decode tokens/s (median, min-max), hit rate, misses/token, MB read over PCIe per token,
+peak GPU memory (allocated, reserved: from attach to the end of decode), and the row's floor:
+all-resident step time + miss bytes / the pinned host->device bandwidth measured in this run
+("x floor" = measured time per token / floor).
 
-accelerate rows decode --accelerate-tokens tokens (default 12): at ~1 token/s a full 128 would
-take minutes per row; its per-token cost is constant (it streams every offloaded layer per token).
+    . bench/gpu_env.sh && python3 bench/decode.py --json $OUT/decode.json
 """
 
 from __future__ import annotations
@@ -29,20 +27,80 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from expertflow.budget import format_bytes, parse_size, plan_memory  # noqa: E402
-from expertflow.config import default_config, load_config  # noqa: E402
+from expertflow.budget import format_bytes, plan_memory  # noqa: E402
+from expertflow.config import default_config  # noqa: E402
+from expertflow.engine import attach, replay_generate  # noqa: E402
 from expertflow.registry import resolve_model  # noqa: E402
-from expertflow.runtime.generate import greedy_generate  # noqa: E402
-from expertflow.runtime.loading import build_model, experts_to_host  # noqa: E402
+from expertflow.runtime.adapters import find_moe_blocks  # noqa: E402
+from expertflow.runtime.loading import build_model  # noqa: E402
 from expertflow.runtime.offload import offload  # noqa: E402
 
 
 def sync():
     torch.cuda.synchronize()
+
+
+def memory_window():
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def peaks():
+    return torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+
+
+def pcie_gbps(size=1 << 30, reps=5) -> float:
+    """Pinned host->device copy bandwidth (GB/s), median of `reps`."""
+    src = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(size, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(reps + 1):
+        sync()
+        t = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        sync()
+        times.append(time.perf_counter() - t)
+    del src, dst
+    return size / float(np.median(times[1:])) / 1e9
+
+
+class Experts:
+    """Move the routed experts between the GPU (all-on-GPU rows) and their pinned host copies
+    (offloaded rows) without re-allocating 23 GiB of pinned memory each round."""
+
+    def __init__(self, model):
+        self.blocks = find_moe_blocks(model)
+        self.host = []
+        for b in self.blocks:
+            ex = b.experts
+            pair = []
+            for name in ("gate_up_proj", "down_proj"):
+                p = ex._parameters[name]
+                if not p.is_pinned():
+                    h = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
+                    h.copy_(p.data)
+                    p = nn.Parameter(h, requires_grad=False)
+                    ex._parameters[name] = p
+                pair.append(p)
+            self.host.append(pair)
+
+    def to_gpu(self):
+        for b, (gu, dn) in zip(self.blocks, self.host):
+            b.experts._parameters["gate_up_proj"] = nn.Parameter(gu.data.cuda(), requires_grad=False)
+            b.experts._parameters["down_proj"] = nn.Parameter(dn.data.cuda(), requires_grad=False)
+
+    def to_host(self):
+        for b, (gu, dn) in zip(self.blocks, self.host):
+            b.experts._parameters["gate_up_proj"] = gu
+            b.experts._parameters["down_proj"] = dn
+        torch.cuda.empty_cache()
 
 
 def hf_generate_rate(model, ids, new_tokens):
@@ -57,178 +115,144 @@ def hf_generate_rate(model, ids, new_tokens):
         sync()
         return time.perf_counter() - t
 
-    timed(4)  # warm-up
+    timed(4)
     t1, tn = timed(1), timed(new_tokens)
     return (new_tokens - 1) / max(tn - t1, 1e-9)
 
 
-def ours_rate(model, ids, new_tokens):
-    greedy_generate(model, ids, 8)  # warm-up
-    res = greedy_generate(model, ids, new_tokens)
-    return res.decode_tokens_per_s, res
+def engine_row(model, cfg, trace, plan, label, budget_bytes, bpe):
+    memory_window()
+    eng = attach(model, cfg, device="cuda")
+    try:
+        eng.use_replay(max(len(r) for r, _ in plan))
+        eng.capture(1, max(len(r) for r, _ in plan) + 1)
+        replay_generate(eng, trace, plan[:1])  # warm-up: caches warm like a running server
+        eng.reset_stats()
+        res = replay_generate(eng, trace, plan)
+        st = eng.stats["total"]
+        dec = dict(eng.sched.decode)
+        alloc, reserved = peaks()
+    finally:
+        eng.detach()
+    n = max(res["decode_tokens"], 1)
+    lookups = dec["hits"] + dec["misses"]
+    return {"row": label, "tokens_per_s": res["decode_tokens"] / res["decode_s"],
+            "hit_rate": dec["hits"] / lookups if lookups else 1.0, "misses_per_token": dec["misses"] / n,
+            "bytes_per_token": dec["misses"] * bpe / n, "admitted_per_token": dec["admitted"] / n,
+            "prefill_tokens_per_s": sum(p for _, p in plan) / res["prefill_s"],
+            "peak_alloc": alloc, "peak_reserved": reserved, "budget": budget_bytes,
+            "within_budget": budget_bytes is None or reserved <= budget_bytes, "slots": st["gpu_slots"]}
 
 
-def memory_window():
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+def eager_row(model, cfg, spec, trace, prompt_tokens, decode_tokens, label, budget_bytes):
+    from tuner.validate import measure_one
+
+    memory_window()
+    handle = offload(model, cfg, device="cuda")
+    try:
+        measure_one(model, handle, spec, trace, device=torch.device("cuda"), replay=True,
+                    prompt_tokens=prompt_tokens, max_decode_tokens=16)  # warm-up
+        m = measure_one(model, handle, spec, trace, device=torch.device("cuda"), replay=True,
+                        prompt_tokens=prompt_tokens, max_decode_tokens=decode_tokens)
+        alloc, reserved = peaks()
+    finally:
+        handle.detach()
+    st = m
+    return {"row": label, "tokens_per_s": st["decode_tokens_per_s"], "hit_rate": st["hit_rate"],
+            "misses_per_token": None, "bytes_per_token": st["bytes_per_token"], "peak_alloc": alloc,
+            "peak_reserved": reserved, "budget": budget_bytes, "within_budget": reserved <= budget_bytes}
 
 
-def peaks():
-    return torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-
-
-def median_row(runs: list[dict]) -> dict:
-    """The run with the median tokens/s (the lower middle one for an even count), with the
-    spread of all runs: tokens_per_s_runs lists every round's value."""
+def median_row(runs):
     ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
     row = dict(ordered[(len(ordered) - 1) // 2])
     row["tokens_per_s_runs"] = [r["tokens_per_s"] for r in runs]
     return row
 
 
-def ef_row(model, cfg, ids, new_tokens, label, budget_bytes):
-    memory_window()
-    handle = offload(model, cfg)
-    try:
-        memory_window()
-        greedy_generate(model, ids, 8)  # warm-up (also warms the cache like a running server)
-        handle.reset_stats()
-        res = greedy_generate(model, ids, new_tokens)
-        st = handle.stats["total"]
-        alloc, reserved = peaks()
-    finally:
-        handle.detach()
-    steps = max(new_tokens - 1, 1)
-    return {"row": label, "tokens_per_s": res.decode_tokens_per_s, "hit_rate": st["hit_rate"],
-            "stall_ms_per_token": st["stall_ms"] / new_tokens,
-            "bytes_per_token": st["bytes_moved"] / new_tokens,
-            "peak_alloc": alloc, "peak_reserved": reserved, "budget": budget_bytes,
-            "within_budget": reserved <= budget_bytes,
-            "prefetch_issued_per_token": st["prefetch_issued"] / steps,
-            "prefetch_used": st["prefetch_used"], "slots": st["gpu_slots"]}
-
-
-def accelerate_row(model, ids, budget, tokens, label):
-    from accelerate import dispatch_model, infer_auto_device_map
-    from accelerate.hooks import remove_hook_from_module
-
-    model.to("cpu")
-    memory_window()
-    dmap = infer_auto_device_map(model, max_memory={0: budget, "cpu": "400GiB"},
-                                 no_split_module_classes=model._no_split_modules)
-    dispatch_model(model, device_map=dmap)
-    try:
-        rate = hf_generate_rate(model, ids.to("cuda:0"), tokens)
-        alloc, reserved = peaks()
-    finally:
-        remove_hook_from_module(model, recurse=True)
-        model.to("cpu")
-    on_gpu = sum(1 for v in dmap.values() if v == 0)
-    return {"row": label, "tokens_per_s": rate, "hit_rate": None, "stall_ms_per_token": None,
-            "bytes_per_token": None, "peak_alloc": alloc, "peak_reserved": reserved,
-            "budget": parse_size(budget).bytes, "modules_on_gpu": on_gpu, "tokens_measured": tokens}
-
-
-def profile_host(model, cfg, ids):
-    import cProfile
-    import pstats
-
-    with offload(model, cfg):
-        greedy_generate(model, ids, 8)
-        prof = cProfile.Profile()
-        prof.enable()
-        greedy_generate(model, ids, 17)
-        prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2-moe")
-    ap.add_argument("--budgets", nargs="+", default=["24GB", "12GB"])
+    ap.add_argument("--budgets", nargs="+", default=["24GB", "12GB", "8GB"])
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--accelerate-tokens", type=int, default=12)
-    ap.add_argument("--skip-accelerate", action="store_true")
-    ap.add_argument("--config", nargs="*", default=[], help="tuned config.yaml files (label = parent dir)")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="measure every ExpertFlow and all-on-GPU row this many times, alternating the "
-                         "two phases; the table shows each row's median round and its min-max")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--policy", default="lru")
+    ap.add_argument("--no-eager", action="store_true", help="skip the eager-runtime row")
+    ap.add_argument("--no-transformers", action="store_true", help="skip the all-on-GPU transformers row")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--profile-host", action="store_true",
-                    help="also print where the host time of 16 ExpertFlow decode steps goes (cProfile)")
     args = ap.parse_args(argv)
+    from tuner.profiler import run_profile
+    from tuner.validate import replay_schedule
+
     spec = resolve_model(args.model)
+    prof = run_profile(spec, None, device="cpu", hardware="h200", progress=False)
+    trace = prof.trace
+    plan = replay_schedule(trace, args.prompt_tokens, args.new_tokens)
+    priors = prof.priors()
     t0 = time.perf_counter()
-    # Experts in pinned host memory from the start: ExpertFlow rows attach/detach without copies.
     model = build_model(spec, device="cuda", dtype="bfloat16", seed=0, experts_on_host=True)
-    print(f"built {spec.name} on {torch.cuda.get_device_name()} in {time.perf_counter() - t0:.1f} s", flush=True)
-    ids = torch.randint(0, spec.vocab_size, (1, args.prompt_tokens),
-                        generator=torch.Generator().manual_seed(0)).cuda()
-    model.set_experts_implementation("batched_mm")
-    # Warm-up row (discarded): first CUDA/cuBLAS use, pinned-memory first touch.
-    ef_row(model, default_config(spec, plan_memory(spec, args.budgets[0])), ids, 16, "warm-up", 0)
-    ef_rows = []  # (label, config, budget bytes)
+    experts = Experts(model)
+    print(f"built {spec.name} on {torch.cuda.get_device_name()} in {time.perf_counter() - t0:.1f} s; "
+          f"routing {prof.routing_kind} trace, {len(plan)} sequence(s), "
+          f"{sum(len(r) - p for r, p in plan)} decode tokens", flush=True)
+    gbps = pcie_gbps()
+    print(f"pinned host->device: {gbps:.1f} GB/s", flush=True)
+    bpe = spec.bytes_per_expert()
+    L, E = spec.num_moe_layers, spec.num_experts
+    big = plan_memory(spec, "141GB")
+    rows = [("graph engine, every expert resident",
+             default_config(spec, big, priors=priors).with_values({"cache.capacity_experts": L * E,
+                                                                   "cache.read_through_slots": 0,
+                                                                   "cache.policy": args.policy}), None)]
     for budget in args.budgets:
-        plan = plan_memory(spec, budget)
-        base = default_config(spec, plan)
-        ef_rows += [(f"ExpertFlow LRU, no prefetch @ {budget}", base.with_values({"prefetch.depth": 0}),
-                     plan.budget_bytes),
-                    (f"ExpertFlow default config @ {budget}", base, plan.budget_bytes)]
-    for path in args.config:
-        cfg = load_config(path)
-        ef_rows.append((f"ExpertFlow tuned ({Path(path).parent.name}) @ {cfg.memory.budget_text}", cfg,
-                        cfg.memory.budget_bytes))
-    # Rounds alternate the offloaded phase and the all-on-GPU phase, so a drift of the shared host
-    # between phases shows as spread instead of as a ratio; each row reports its median round.
+        p = plan_memory(spec, budget)
+        rows.append((f"graph engine @ {budget}", default_config(spec, p, priors=priors).with_values(
+            {"cache.policy": args.policy}), p.budget_bytes))
+    ids = torch.randint(0, spec.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).cuda()
     runs: dict[str, list[dict]] = {}
     for rnd in range(args.rounds):
-        for label, cfg, budget_bytes in ef_rows:
-            runs.setdefault(label, []).append(ef_row(model, cfg, ids, args.new_tokens, label, budget_bytes))
-            print(f"round {rnd}: {runs[label][-1]}", flush=True)
-        if rnd == 0 and args.profile_host:
-            profile_host(model, default_config(spec, plan_memory(spec, args.budgets[0])), ids)
-        model.to("cuda")  # the whole model resident: the baseline to beat
-        for backend in ("batched_mm", "grouped_mm", "eager"):
-            model.set_experts_implementation(backend)
-            memory_window()
-            rate = hf_generate_rate(model, ids, args.new_tokens)
-            alloc, reserved = peaks()
-            label = f"transformers all-on-GPU, {backend}, generate()"
-            runs.setdefault(label, []).append(
-                {"row": label, "tokens_per_s": rate, "hit_rate": 1.0, "stall_ms_per_token": 0.0,
-                 "bytes_per_token": 0.0, "peak_alloc": alloc, "peak_reserved": reserved, "budget": None})
-            print(f"round {rnd}: {runs[label][-1]}", flush=True)
-        model.set_experts_implementation("batched_mm")
-        memory_window()
-        rate, _ = ours_rate(model, ids, args.new_tokens)
-        alloc, reserved = peaks()
-        label = "transformers all-on-GPU, batched_mm, our decode loop"
-        runs.setdefault(label, []).append(
-            {"row": label, "tokens_per_s": rate, "hit_rate": 1.0, "stall_ms_per_token": 0.0,
-             "bytes_per_token": 0.0, "peak_alloc": alloc, "peak_reserved": reserved, "budget": None})
-        print(f"round {rnd}: {runs[label][-1]}", flush=True)
-        if rnd + 1 < args.rounds:
-            experts_to_host(model)
+        for label, cfg, budget in rows:
+            r = engine_row(model, cfg, trace, plan, label, budget, bpe)
+            runs.setdefault(label, []).append(r)
+            print(f"round {rnd}: {r}", flush=True)
+        if not args.no_eager:
+            p0 = plan_memory(spec, args.budgets[0])
+            label = f"eager runtime @ {args.budgets[0]}"
+            r = eager_row(model, default_config(spec, p0, priors=priors), spec, trace, args.prompt_tokens,
+                          args.new_tokens, label, p0.budget_bytes)
+            runs.setdefault(label, []).append(r)
+            print(f"round {rnd}: {r}", flush=True)
+        if not args.no_transformers:
+            experts.to_gpu()
+            for backend in ("batched_mm", "grouped_mm"):
+                model.set_experts_implementation(backend)
+                memory_window()
+                rate = hf_generate_rate(model, ids, args.new_tokens)
+                alloc, reserved = peaks()
+                label = f"transformers all-on-GPU, {backend}, generate()"
+                runs.setdefault(label, []).append({"row": label, "tokens_per_s": rate, "hit_rate": 1.0,
+                                                   "misses_per_token": 0.0, "bytes_per_token": 0.0,
+                                                   "peak_alloc": alloc, "peak_reserved": reserved, "budget": None})
+                print(f"round {rnd}: {runs[label][-1]}", flush=True)
+            experts.to_host()
             model.set_experts_implementation("batched_mm")
-    medians = {label: median_row(rs) for label, rs in runs.items()}
-    base_rows = [r for label, r in medians.items() if label.startswith("transformers")]
-    rows = [r for label, r in medians.items() if not label.startswith("transformers")]
-    fastest = max((r for r in base_rows if r["row"].endswith("generate()")),
-                  key=lambda r: r["tokens_per_s"])["row"].split(", ")[1]
-    rows = base_rows + rows
-    if not args.skip_accelerate:
-        model.set_experts_implementation(fastest)
-        for budget in args.budgets:
-            rows.append(accelerate_row(model, ids, budget, args.accelerate_tokens,
-                                       f"transformers + accelerate max_memory={budget}"))
-            print(rows[-1], flush=True)
+    med = {label: median_row(rs) for label, rs in runs.items()}
+    resident = med["graph engine, every expert resident"]
+    step_ms = 1000.0 / resident["tokens_per_s"]
+    for r in med.values():
+        if r["row"].startswith("graph engine"):
+            floor_ms = step_ms + r["bytes_per_token"] / (gbps * 1e9) * 1000.0
+            r["floor_tokens_per_s"] = 1000.0 / floor_ms
+            r["x_floor"] = (1000.0 / r["tokens_per_s"]) / floor_ms
+    hf = [r for label, r in med.items() if label.startswith("transformers")]
+    best_hf = max(hf, key=lambda r: r["tokens_per_s"]) if hf else None
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": spec.name,
-           "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows}
+           "pcie_gbps": gbps, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+           "rounds": args.rounds, "rows": list(med.values())}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
-    print_table(rows)
+    print_table(list(med.values()), best_hf)
     return 0
 
 
@@ -236,16 +260,20 @@ def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-def print_table(rows):
-    print(f"\n{'row':<58} {'tok/s':>7} {'min-max':>13} {'hit':>6} {'stall ms/t':>10} {'MB/tok':>8} "
-          f"{'peak alloc':>11} {'peak resv':>11}")
+def print_table(rows, best_hf):
+    print(f"\n{'row':<46} {'tok/s':>7} {'min-max':>13} {'x HF':>5} {'hit':>6} {'miss/t':>6} {'MB/tok':>7} "
+          f"{'floor':>7} {'x fl':>5} {'peak alloc':>11} {'peak resv':>11} {'budget ok':>9}")
     for r in rows:
-        mb = None if r["bytes_per_token"] is None else r["bytes_per_token"] / 1e6
+        mb = None if r.get("bytes_per_token") is None else r["bytes_per_token"] / 1e6
         each = r.get("tokens_per_s_runs")
-        spread = f"{min(each):.2f}-{max(each):.2f}" if each and len(each) > 1 else "-"
-        print(f"{r['row'][:58]:<58} {r['tokens_per_s']:>7.2f} {spread:>13} {fmt(r['hit_rate'], '6.3f'):>6} "
-              f"{fmt(r['stall_ms_per_token'], '10.2f'):>10} {fmt(mb, '8.1f'):>8} "
-              f"{format_bytes(r['peak_alloc']):>11} {format_bytes(r['peak_reserved']):>11}")
+        spread = f"{min(each):.1f}-{max(each):.1f}" if each and len(each) > 1 else "-"
+        xhf = r["tokens_per_s"] / best_hf["tokens_per_s"] if best_hf else None
+        print(f"{r['row'][:46]:<46} {r['tokens_per_s']:>7.1f} {spread:>13} {fmt(xhf, '5.2f'):>5} "
+              f"{fmt(r.get('hit_rate'), '6.3f'):>6} {fmt(r.get('misses_per_token'), '6.1f'):>6} {fmt(mb, '7.1f'):>7} "
+              f"{fmt(r.get('floor_tokens_per_s'), '7.1f'):>7} {fmt(r.get('x_floor'), '5.2f'):>5} "
+              f"{format_bytes(r['peak_alloc']):>11} {format_bytes(r['peak_reserved']):>11} "
+              f"{str(r.get('within_budget', '-')):>9}")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -45,6 +45,8 @@ class StepPlan:
     entries: dict[tuple[int, int], int] = field(default_factory=dict)  # (layer, expert) -> slot or -1
     admitted: int = 0
     evicted: int = 0
+    hits: int = 0
+    misses: int = 0
 
 
 def staging_ranks(ids: np.ndarray, resident) -> list[tuple[int, int]]:
@@ -86,6 +88,7 @@ class EngineScheduler(Scheduler):
                 for _ in range(self.staging[layer]):
                     self.stage[layer][parity].append(part.slots[part.free.pop()])
         self.step = 0  # steps decided so far (the next step to decide)
+        self.decode = {"steps": 0, "tokens": 0, "hits": 0, "misses": 0, "admitted": 0}  # decode steps only
         self._last: dict[tuple[int, int], int] = {}  # entries the previous decision changed: old slot
 
     # ---- what the GPU sees ----------------------------------------------------------------
@@ -149,6 +152,8 @@ class EngineScheduler(Scheduler):
             misses = [e for e in needed if self._seen(layer, e, kind) < 0]
             c.hits[layer] += len(needed) - len(misses)
             c.misses[layer] += len(misses)
+            plan.hits += len(needed) - len(misses)
+            plan.misses += len(misses)
             self.stats.record_access(layer, needed, self.now)
             # 2. admit the misses the kernel wrote into this parity's staging slots
             stage = self.stage[layer][parity]
@@ -181,6 +186,13 @@ class EngineScheduler(Scheduler):
                 plan.evicted += 1
         self._last = changed
         self.step += 1
+        if kind == DECODE_STEP:
+            d = self.decode
+            d["steps"] += 1
+            d["tokens"] += int(ids.shape[1])
+            d["admitted"] += plan.admitted
+            d["hits"] += plan.hits
+            d["misses"] += plan.misses
         return plan
 
     def _place(self, layer: int, expert: int, slot: int) -> None:

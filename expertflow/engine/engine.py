@@ -273,22 +273,25 @@ class GraphEngine(AbstractContextManager):
         self.batch = B
 
     def use_replay(self, max_rows: int) -> EngineReplay:
-        """Route from a trace instead of the router (see EngineReplay)."""
+        """Route from a trace instead of the router (see EngineReplay). Graphs captured before
+        read the router: they are dropped and captured again on first use."""
         self.replay = EngineReplay(self, max_rows)
+        self.graphs.clear()
         return self.replay
 
     # ---- the experts backend --------------------------------------------------------------
     def _layer_forward(self, m: int, h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.replay is not None:
             ids, w = self.replay.route(m, self.kv.positions)
+        w_router = w  # the host's dropped-mass counter needs the router's own weights
         if self.params.threshold < 1.0:
             ids, w = device_adaptive_k(ids, w, self.params.threshold, self.params.min_k, self.params.renormalize)
         if self._mode == "prefill":
             self._prefill_ids[m].append(ids.cpu().numpy())
-            self._prefill_w[m].append(w.float().cpu().numpy())
+            self._prefill_w[m].append(w_router.float().cpu().numpy())
             return self._experts_eager(m, h, ids, w, stage_writes=False)
         self.step_ids[m].copy_(ids.view(self.batch, self.k))
-        self.step_w[m].copy_(w.view(self.batch, self.k))
+        self.step_w[m].copy_(w_router.view(self.batch, self.k))
         if self.kernel == "triton":
             p = self._parity
             return kernels.experts_through_table(h, ids, w, m, self.gu_table, self.dn_table,
@@ -488,6 +491,25 @@ class GraphEngine(AbstractContextManager):
         seq = self.tok_hist[:, :P + max_new_tokens].cpu()
         return GenerationOutput(seq, max_new_tokens, t1 - t0, t2 - t1, kept)
 
+    def capture(self, batch: int, max_tokens: int) -> None:
+        """Capture every decode graph a generation of up to `max_tokens` positions needs, now
+        (benchmarks: keep capture out of the timed region)."""
+        self._setup_batch(batch)
+        if not self.graphs_on:
+            return
+        self._drain()
+        length = MIN_BUCKET
+        while True:
+            b = self._bucket(length)
+            for parity in (0, 1):
+                self._parity = parity
+                self.kv.length = b
+                self._graph(b, parity)
+            if b >= min(max_tokens, self.max_len):
+                break
+            length = b * 2
+        self._sync()
+
     def _sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -511,6 +533,7 @@ class GraphEngine(AbstractContextManager):
     def reset_stats(self) -> None:
         self._drain()
         self.counters.reset()
+        self.sched.decode = dict.fromkeys(self.sched.decode, 0)
         self.bytes_moved = 0
         self.tokens_generated = 0
 
@@ -533,6 +556,21 @@ class GraphEngine(AbstractContextManager):
 
     def __exit__(self, *exc) -> None:
         self.detach()
+
+
+def replay_generate(engine: GraphEngine, trace, plan) -> dict[str, float]:
+    """Generate over `plan` (tuner.validate.replay_schedule: per sequence its trace rows in
+    position order and prefill length) with the trace's routing replayed; decode totals."""
+    replay = engine.replay if engine.replay is not None else engine.use_replay(max(len(r) for r, _ in plan))
+    decode_s = prefill_s = 0.0
+    tokens = 0
+    for rows, p in plan:
+        replay.load(trace.ids[rows], trace.weights[rows])
+        out = engine.generate(torch.zeros((1, p), dtype=torch.long), len(rows) - p + 1)
+        decode_s += out.decode_s
+        prefill_s += out.prefill_s
+        tokens += out.new_tokens - 1
+    return {"decode_s": decode_s, "prefill_s": prefill_s, "decode_tokens": tokens, "sequences": len(plan)}
 
 
 def attach(model: nn.Module, config: RuntimeConfig | str, *, device: str | None = None, **kwargs) -> GraphEngine:
