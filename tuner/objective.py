@@ -16,7 +16,7 @@ from typing import Any
 from .coordination import TEST_ASLEEP_ATTR, TEST_SLEEP_ENV
 from .search_space import SearchSpace, suggest
 from .simulator import simulate
-from .trials import FAIL_KIND_ERROR, MEMORY_CONSTRAINT, QUALITY_CONSTRAINT, TrialFailed, feasible
+from .trials import FAIL_KIND_ERROR, TrialFailed, feasible, trial_constraints
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,8 @@ def evaluate(ctx: StudyContext, values: dict[str, Any], *, max_decode_tokens: in
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
         raise TrialFailed(f"simulator returned non-finite {bad[0]}={metrics[bad[0]]}")
-    limit = ctx.base_config.memory.budget_bytes
-    cons = {MEMORY_CONSTRAINT: (metrics["peak_gpu_bytes"] + ctx.base_config.memory.margin_bytes - limit) / limit}
-    if ctx.quality_cap is not None:
-        cons[QUALITY_CONSTRAINT] = metrics["quality_loss"] - ctx.quality_cap
+    cons = trial_constraints(metrics, budget_bytes=ctx.base_config.memory.budget_bytes,
+                             margin_bytes=ctx.base_config.memory.margin_bytes, quality_cap=ctx.quality_cap)
     return metrics, cons
 
 

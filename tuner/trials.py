@@ -31,6 +31,19 @@ class TrialFailed(Exception):
     """A trial whose simulation raised or produced NaN/inf: Optuna marks it FAIL and goes on."""
 
 
+def trial_constraints(metrics: Mapping[str, float], *, budget_bytes: int, margin_bytes: int,
+                      quality_cap: float | None = None) -> dict[str, float]:
+    """The constraints a trial records (the one definition; <= 0 is feasible):
+
+    memory_over_budget  (predicted peak_gpu_bytes + margin_bytes - budget_bytes) / budget_bytes
+    quality_over_cap    quality_loss - cap                      (only when a cap is set)
+    """
+    cons = {MEMORY_CONSTRAINT: (metrics["peak_gpu_bytes"] + margin_bytes - budget_bytes) / budget_bytes}
+    if quality_cap is not None:
+        cons[QUALITY_CONSTRAINT] = metrics["quality_loss"] - quality_cap
+    return cons
+
+
 def feasible(constraints: Mapping[str, float]) -> bool:
     return all(v <= 0 for v in constraints.values())
 
