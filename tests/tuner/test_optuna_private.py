@@ -4,6 +4,7 @@ was checked against, and that each private name it reads still exists."""
 from __future__ import annotations
 
 import optuna
+import pytest
 
 from tuner import optuna_private as op
 from tuner.storage import make_storage
@@ -16,6 +17,7 @@ def test_optuna_major_is_one_the_fence_was_checked_against():
         "to TESTED_OPTUNA_MAJOR")
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # we ask() a trial by hand, as work() does
 def test_private_names_still_exist(tmp_path):
     storage = make_storage(f"sqlite:///{tmp_path / 's.sqlite3'}", heartbeat_interval=5)
     study = optuna.create_study(storage=storage, study_name="s")
