@@ -15,6 +15,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -402,6 +404,41 @@ def default_config(spec, plan, *, hardware: Hardware | None = None, priors=None,
 
 def _budget_text(plan) -> str:
     return getattr(plan, "budget_text", None) or f"{plan.budget_bytes}B"
+
+
+# ---- introspection of the fields (the tuner's search space reads it) ---------------------------
+def _unwrap_optional(ann):
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    return args[0] if typing.get_origin(ann) in (typing.Union, types.UnionType) and len(args) == 1 else ann
+
+
+def config_field(dotted: str):
+    """(annotation without Optional, FieldInfo) of a dotted RuntimeConfig path; KeyError (the
+    first unknown part) if none."""
+    model: Any = RuntimeConfig
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            raise KeyError(".".join(parts[:i + 1]))
+        info = model.model_fields[part]
+        model = _unwrap_optional(info.annotation)
+    return model, info
+
+
+def field_range(dotted: str) -> dict[str, float]:
+    """{'ge'|'gt'|'le'|'lt': bound} of a RuntimeConfig field (empty if unbounded)."""
+    info = config_field(dotted)[1]
+    return {n: getattr(m, n) for m in info.metadata for n in ("ge", "gt", "le", "lt") if getattr(m, n, None) is not None}
+
+
+def leaf_fields(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted path of a RuntimeConfig field that is not a section, in declaration order."""
+    out: list[str] = []
+    for name, info in (model or RuntimeConfig).model_fields.items():
+        ann = _unwrap_optional(info.annotation)
+        section = isinstance(ann, type) and issubclass(ann, BaseModel)
+        out += leaf_fields(ann, f"{prefix}{name}.") if section else [prefix + name]
+    return out
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m expertflow.config` prints the schema

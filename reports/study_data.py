@@ -9,7 +9,9 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
+
+from tuner.storage import StorageURL
+from tuner.trials import complete_trials, pareto_mask, trial_feasible
 
 from .metrics import METRICS, _num, metric_label
 
@@ -22,14 +24,15 @@ def load_study(tuning: dict, out_dir: str | os.PathLike | None = None):
     if not url or not name:
         return None, "tuning.json names no study storage; study figures are left out."
     note = None
-    if str(url).startswith("sqlite:///"):
-        path = Path(str(url)[len("sqlite:///"):])
+    sqlite_file = StorageURL(str(url)).sqlite_file
+    if sqlite_file is not None:
+        path = Path(sqlite_file)
         if not path.is_file():
             local = Path(out_dir) / path.name if out_dir is not None else None
             if local is None or not local.is_file():
                 return None, (f"the study storage {url} does not exist (folder moved or storage "
                               "deleted); study figures use tuning.json only.")
-            url, note = f"sqlite:///{local.resolve()}", f"study read from {local} (folder was moved)."
+            url, note = StorageURL.for_sqlite_file(local.resolve()).text, f"study read from {local} (folder was moved)."
     try:
         import optuna
 
@@ -39,29 +42,12 @@ def load_study(tuning: dict, out_dir: str | os.PathLike | None = None):
                       f"{' '.join(str(exc).split())[:160]}); study figures use tuning.json only.")
 
 
-def _feasible(trial) -> bool:
-    cons = getattr(trial, "constraints", None) or {}
-    if any(float(v) > 0 for v in cons.values()):
-        return False
-    legacy = (getattr(trial, "system_attrs", None) or {}).get("constraints")
-    if legacy and any(float(v) > 0 for v in legacy):
-        return False
-    return bool((getattr(trial, "user_attrs", None) or {}).get("feasible", True))
-
-
 def study_trials(study) -> list[dict]:
     """Completed trials as dicts: number, values, params, feasible."""
     if study is None:
         return []
-    import optuna
-
-    out = []
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if t.values is None:
-            continue
-        out.append({"number": t.number, "values": [float(v) for v in t.values],
-                    "params": dict(t.params), "feasible": _feasible(t)})
-    return out
+    return [{"number": t.number, "values": [float(v) for v in t.values], "params": dict(t.params),
+             "feasible": trial_feasible(t)} for t in complete_trials(study)]
 
 
 def objective_names(tuning: dict, n: int) -> list[str]:
@@ -117,7 +103,7 @@ def importance_data(tuning: dict, study) -> dict | None:
     )
 
     trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-              if t.values is not None and _feasible(t)]
+              if t.values is not None and trial_feasible(t)]
     if len(trials) < 2:
         return {"objectives": [], "evaluator": None,
                 "note": f"only {len(trials)} feasible completed trial(s): importances need at least 2."}
@@ -163,17 +149,6 @@ def importance_data(tuning: dict, study) -> dict | None:
         return {"objectives": objectives, "evaluator": label, "note": note + "."}
     return {"objectives": [], "evaluator": None,
             "note": "no importance evaluator could run: " + "; ".join(failures) + "."}
-
-
-def pareto_mask(values: list[list[float]], directions: list[str]) -> list[bool]:
-    """True where no other point is at least as good in every objective and better in one."""
-    signs = np.array([-1.0 if d == "maximize" else 1.0 for d in directions])
-    v = np.asarray(values, dtype=float).reshape(len(values), len(directions)) * signs  # minimise
-    out = []
-    for i in range(len(v)):
-        dominated = np.any(np.all(v <= v[i], axis=1) & np.any(v < v[i], axis=1))
-        out.append(not bool(dominated))
-    return out
 
 
 def pareto_data(tuning: dict, trials: list[dict], study=None) -> dict | None:

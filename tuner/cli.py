@@ -7,8 +7,7 @@ from collections.abc import Sequence
 
 from expertflow._cli import new_parser, run_handler
 
-DEFAULT_TRIALS = 60
-DEFAULT_HEARTBEAT_S = 10  # a running trial records a heartbeat this often (seconds; tuner.study)
+from .coordination import DEFAULT_HEARTBEAT_S, DEFAULT_TRIALS
 
 
 def build_profile_parser() -> argparse.ArgumentParser:

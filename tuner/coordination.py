@@ -3,11 +3,11 @@
 Every `ef-tune` process that works on a study (several on one machine through `--jobs`, or on
 many machines sharing a PostgreSQL `--storage`) runs `work()`. The rules that make them one study:
 
-* **One mutex per study** (`study_lock`): a PostgreSQL session advisory lock keyed by the study
+* **One mutex per study** (`tuner.locks.study_lock`): a PostgreSQL session advisory lock keyed by the study
   name, a `flock` on `<file>.lock` beside a SQLite study, a thread lock in memory. The server (or
   the kernel) drops it when its holder dies, so a killed worker never leaves it held.
 * **Claiming a trial is exact**: under the mutex a worker fails stale trials, counts the trials
-  that use up the study's target (`tally`) and asks Optuna for a trial only while that count is
+  that use up the study's target (`tuner.trials.tally`) and asks Optuna for a trial only while that count is
   below the target. `--trials N` is therefore the study's total, however many workers share it:
   three workers given `--trials 60` run 60 trials between them, never 61.
 * **Heartbeats**: a thread records one every `heartbeat_interval` seconds while a trial runs. A
@@ -28,7 +28,7 @@ many machines sharing a PostgreSQL `--storage`) runs `work()`. The rules that ma
 
 Test-only knob: the environment variable `EXPERTFLOW_TEST_TRIAL_SLEEP_S` (seconds, default 0)
 makes every trial sleep that long after choosing its params and before simulating (read by
-`tuner.study.Objective`), so tests can kill or interrupt a worker in the middle of a trial; such a
+`tuner.objective.Objective`), so tests can kill or interrupt a worker in the middle of a trial; such a
 trial first sets the user attr `ef:test_asleep`, so a test can wait until every param is stored.
 It is not meant for users.
 """
@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -48,8 +48,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import optuna_private as op
+from .locks import StudyLock
+from .trials import TrialFailed, tally
+
 log = logging.getLogger(__name__)
 
+DEFAULT_TRIALS = 60  # the study's trial target when none is given
+DEFAULT_HEARTBEAT_S = 10  # a running trial records a heartbeat this often (seconds)
 TEST_SLEEP_ENV = "EXPERTFLOW_TEST_TRIAL_SLEEP_S"
 TEST_ASLEEP_ATTR = "ef:test_asleep"  # user attr set (with the sleep only) once a trial has all its params
 EXPORT_ATTR = "ef:export"  # study user attr: who exported which results, where
@@ -57,159 +63,7 @@ WORKERS_ATTR = "ef:workers"  # study user attr: workers that joined so far (samp
 TARGET_ATTR = "ef:n_trials"  # study user attr: the study's trial target (the largest asked for)
 
 
-# ---- the mutex ------------------------------------------------------------------------------
-class StudyLock:
-    """A mutex shared by every worker of one study; a context manager. Not re-entrant.
-
-    A thread lock orders the threads of this process (a cross-process lock is held per file or
-    connection, which the threads share); subclasses add the cross-process part in `_take` and
-    `_give`."""
-
-    def __init__(self) -> None:
-        self._local = threading.Lock()
-
-    def acquire(self) -> None:
-        self._local.acquire()
-        try:
-            self._take()
-        except BaseException:
-            self._local.release()
-            raise
-
-    def release(self) -> None:
-        try:
-            self._give()
-        finally:
-            self._local.release()
-
-    def _take(self) -> None:
-        """Take the cross-process part (the thread lock is held)."""
-
-    def _give(self) -> None:
-        """Give the cross-process part back (the thread lock is still held)."""
-
-    def close(self) -> None:
-        """Let go of what the lock holds open (a connection, a file)."""
-
-    def __enter__(self) -> StudyLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-class _ThreadLock(StudyLock):
-    """In-process storage: one process, so the thread lock is the whole story."""
-
-
-class _FileLock(StudyLock):
-    """`flock` on a file beside the SQLite study: the kernel releases it when the holder dies."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        self.path = path
-        self._fd: int | None = None
-
-    def _take(self) -> None:
-        import fcntl
-
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-
-    def _give(self) -> None:
-        import fcntl
-
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-class _PgAdvisoryLock(StudyLock):
-    """A PostgreSQL session advisory lock on its own connection: held until released, and
-    dropped by the server when the connection goes (the worker died)."""
-
-    def __init__(self, url: str, key: int) -> None:
-        super().__init__()
-        self.url, self.key = url, key
-        self._engine = None
-        self._conn = None
-
-    def _connection(self):
-        if self._conn is None:
-            import sqlalchemy
-            from sqlalchemy.pool import NullPool
-
-            from .study import resolve_url, storage_error
-
-            try:  # the same driver as the study's storage (SQLAlchemy's default may not be installed)
-                self._engine = sqlalchemy.create_engine(resolve_url(self.url), poolclass=NullPool,
-                                                        connect_args={"connect_timeout": 10})
-                self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-            except Exception as exc:  # noqa: BLE001 - driver errors come in many types
-                raise storage_error(self.url, exc) from None
-        return self._conn
-
-    def _take(self) -> None:
-        import sqlalchemy
-
-        from .study import storage_error
-
-        try:
-            self._connection().execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
-        except sqlalchemy.exc.SQLAlchemyError as exc:  # the server went away
-            raise storage_error(self.url, exc) from None
-
-    def _give(self) -> None:
-        import sqlalchemy
-
-        if self._conn is not None:
-            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
-
-    def close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
-            self._conn = None
-        if self._engine is not None:
-            self._engine.dispose()
-            self._engine = None
-
-
-def lock_key(name: str) -> int:
-    """A signed 64-bit advisory-lock key for the study `name`."""
-    digest = hashlib.sha256(f"expertflow-study:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
-
-
-def study_lock(url: str, name: str) -> StudyLock:
-    """The mutex of study `name` in the storage at `url` (see the module docstring)."""
-    if url in ("memory", ":memory:"):
-        return _ThreadLock()
-    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
-        path = Path(url[len("sqlite:///"):])
-        return _FileLock(path.with_name(path.name + ".lock"))
-    from sqlalchemy.engine import make_url
-
-    if make_url(url).get_backend_name() == "postgresql":
-        return _PgAdvisoryLock(url, lock_key(name))
-    log.warning("no cross-process lock for storage %s: with several workers the study may run a "
-                "few trials more than --trials, and more than one worker may export",
-                make_url(url).render_as_string(hide_password=True))
-    return _ThreadLock()
-
-
 # ---- heartbeats -------------------------------------------------------------------------------
-def heartbeat_interval(storage) -> int | None:
-    get = getattr(storage, "get_heartbeat_interval", None)
-    return get() if get is not None else None
-
-
 class Heartbeat:
     """Records a heartbeat for `trial_id` now and then every `interval_s` seconds, until stopped."""
 
@@ -235,76 +89,18 @@ class Heartbeat:
             self._thread.join()
 
 
-# ---- the count --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Tally:
-    counted: int  # trials that use up the target (see the module docstring)
-    finished: int  # COMPLETE + FAIL(error): the results a worker sees
-    complete: int
-    running: int
-    waiting: int
-
-
-def tally(study) -> Tally:
-    import optuna
-
-    S = optuna.trial.TrialState
-    complete = running = waiting = failed = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.state == S.COMPLETE:
-            complete += 1
-        elif t.state == S.RUNNING:
-            running += 1
-        elif t.state == S.WAITING:
-            waiting += 1
-        elif t.state == S.FAIL and t.user_attrs.get("fail_kind") == "error":
-            failed += 1
-    return Tally(complete + running + failed, complete + failed, complete, running, waiting)
-
-
 def fail_stale(study) -> None:
     """Fail the trials of workers whose heartbeat stopped (their retry is queued by the storage's
     callback). A no-op without heartbeats. Call it under the study's lock: then a RUNNING trial
     with no heartbeat at all belongs to a worker that died between claiming it and its first
     beat (both happen under the lock); it gets a heartbeat now, so it expires like any other."""
-    import optuna
-
-    storage = study._storage
-    if heartbeat_interval(storage):
-        for trial_id in _unbeaten_running_trials(storage, study._study_id):
+    storage = op.storage_of(study)
+    if op.heartbeat_interval(storage):
+        for trial_id in op.unbeaten_running_trials(storage, op.study_id_of(study)):
             log.warning("trial id %d has run without a heartbeat: its worker died before the first "
                         "beat; it will be retried after the grace period", trial_id)
             storage.record_heartbeat(trial_id)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-
-
-def _unbeaten_running_trials(storage, study_id: int) -> list[int]:
-    """Ids of the RUNNING trials of `study_id` that never recorded a heartbeat (RDB storages)."""
-    import optuna
-    import sqlalchemy
-    from optuna.storages._rdb import models
-
-    rdb = getattr(storage, "_backend", storage)  # _CachedStorage wraps the RDBStorage
-    engine = getattr(rdb, "engine", None)
-    if engine is None:
-        return []
-    T, H = models.TrialModel, models.TrialHeartbeatModel
-    query = (sqlalchemy.select(T.trial_id)
-             .where(T.study_id == study_id, T.state == optuna.trial.TrialState.RUNNING,
-                    ~sqlalchemy.exists().where(H.trial_id == T.trial_id)))
-    with engine.connect() as conn:
-        return [int(r[0]) for r in conn.execute(query)]
-
-
-def retry_callback(max_retry: int):
-    """What the storage calls for a trial of a dead worker: queue its params again (WAITING)."""
-    import optuna
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    op.fail_stale_trials(study)
 
 
 # ---- the trial loop -----------------------------------------------------------------------------
@@ -319,14 +115,14 @@ def work(study, objective, *, target: int, lock: StudyLock, timeout_s: float | N
          on_progress=None, requeue=None) -> WorkResult:
     """Claim and run trials of `study` until it is complete (or `timeout_s` passes).
 
-    `objective(trial) -> values` raises `tuner.study.TrialFailed` for a trial that fails on its
+    `objective(trial) -> values` raises `tuner.trials.TrialFailed` for a trial that fails on its
     own. `on_progress(tally, waiting)` is called after each trial and while waiting for the other
     workers' last trials. `requeue(study, frozen_trial)` queues an interrupted trial again.
     """
-    import optuna
+    import optuna  # optional at import time (tuner/optuna_private.py)
 
     deadline = time.monotonic() + timeout_s if timeout_s else None
-    interval = heartbeat_interval(study._storage)
+    interval = op.heartbeat_interval(op.storage_of(study))
     poll_s = min(1.0, float(interval)) if interval else 0.5
     ran = lost = 0
     while True:
@@ -341,7 +137,7 @@ def work(study, objective, *, target: int, lock: StudyLock, timeout_s: float | N
                     with warnings.catch_warnings():  # we beat ourselves (Heartbeat), not optimize()
                         warnings.filterwarnings("ignore", message="Heartbeat of storage")
                         trial = study.ask()
-                    beat = Heartbeat(study._storage, trial._trial_id, interval)
+                    beat = Heartbeat(op.storage_of(study), op.trial_id_of(trial), interval)
             if trial is not None:
                 frozen = _run_one(study, trial, beat, objective, requeue)
         held.deliver()
@@ -362,9 +158,7 @@ def work(study, objective, *, target: int, lock: StudyLock, timeout_s: float | N
 def _run_one(study, trial, beat: Heartbeat, objective, requeue):
     """Run and tell one claimed trial; the frozen trial, or None if another worker failed it as
     stale meanwhile (our heartbeat was late; it re-runs it)."""
-    import optuna
-
-    from .study import TrialFailed
+    import optuna  # optional at import time (tuner/optuna_private.py)
 
     fail = optuna.trial.TrialState.FAIL
     try:
@@ -408,8 +202,6 @@ class _DeferredSignals:
         self.held.append(signum)
 
     def __enter__(self) -> _DeferredSignals:
-        import signal
-
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 num = getattr(signal, name)
@@ -417,8 +209,6 @@ class _DeferredSignals:
         return self
 
     def _restore(self) -> None:
-        import signal
-
         for num, handler in self._old.items():
             signal.signal(num, handler if handler is not None else signal.SIG_DFL)
         self._old.clear()
@@ -427,53 +217,9 @@ class _DeferredSignals:
         self._restore()
 
     def deliver(self) -> None:
-        import signal
-
         held, self.held = self.held, []
         for num in held[:1]:
             signal.raise_signal(num)
-
-
-class ProgressBar:
-    """A rich progress bar on stderr: trials finished and the best feasible tokens/s so far."""
-
-    def __init__(self, enabled: bool, total: int, name: str):
-        self.enabled, self.total, self.name = enabled, total, name
-        self._p = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self._p = Progress(TextColumn("[bold]tuning[/]"), BarColumn(), MofNCompleteColumn(),
-                               TimeElapsedColumn(), TextColumn("{task.fields[best]}"),
-                               console=Console(stderr=True), transient=False)
-            self._p.start()
-            self._task = self._p.add_task("trials", total=self.total, best="")
-        return self
-
-    def __call__(self, now, study, waiting: bool = False) -> None:
-        """`now`: the study's Tally."""
-        if self._p is None:
-            return
-        from .study import best_feasible_speed
-
-        best = best_feasible_speed(study)
-        text = f"best feasible {best:.2f} tokens/s" if best else ""
-        if waiting and now.running:
-            text += f" (waiting for {now.running} trial(s) of other workers)"
-        self._p.update(self._task, completed=min(now.finished, self.total), best=text)
-
-    def __exit__(self, *exc) -> None:
-        if self._p is not None:
-            self._p.stop()
 
 
 # ---- one export -------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from typing import Any
 from expertflow.config import now_iso, save_config, tool_version
 from expertflow.errors import BudgetError, ConfigError
 
-from .study import StudyContext, evaluate, feasible, trial_config
+from .objective import StudyContext, evaluate, trial_config
+from .trials import feasible
 
 log = logging.getLogger(__name__)
 

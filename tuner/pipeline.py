@@ -30,20 +30,11 @@ from typing import Any
 from expertflow.errors import ConfigError, DataError, ModelError
 
 from . import export, quality
-from .study import (
-    DEFAULT_HEARTBEAT_S,
-    LRU_BASELINE,
-    StudyContext,
-    baseline_values,
-    completed_trials,
-    evaluate,
-    feasible,
-    finished_count,
-    pareto_front,
-    run_study,
-    sqlite_url,
-    trial_config,
-)
+from .coordination import DEFAULT_HEARTBEAT_S, DEFAULT_TRIALS
+from .storage import StorageURL, make_storage, mask_url, sqlite_url
+from .objective import StudyContext, evaluate, trial_config
+from .study import LRU_BASELINE, baseline_values, run_study
+from .trials import completed_trials, feasible, finished_count, pareto_front
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +248,6 @@ def tune(model: str, budget: str, *, trials: int | None = None, timeout: float |
     from expertflow.config import Hardware, default_config
     from expertflow.registry import resolve_model
 
-    from .cli import DEFAULT_TRIALS
     from .search_space import load_space, packaged_space
     from .simulator import Costs
 
@@ -456,13 +446,12 @@ def default_jobs(trials: int) -> int:
 def _check_fresh_study(url: str, name: str, allow_existing: bool, *, explicit: bool = True) -> None:
     """Fail before profiling when the storage cannot be used (StorageError), or when the study
     exists and neither --resume nor a shared --storage/--study was given."""
-    if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):])
+    sqlite_file = StorageURL(url).sqlite_file
+    if sqlite_file is not None:
+        path = Path(sqlite_file)
         if not path.is_file() and (not explicit or path.parent.is_dir()):
             return  # a new SQLite file (the default one in --out is made below)
-    import optuna
-
-    from .study import make_storage, mask_url
+    import optuna  # optional at import time (tuner/optuna_private.py)
 
     storage = make_storage(url)
     if allow_existing:

@@ -26,6 +26,8 @@ import numpy as np
 
 from expertflow.errors import DataError
 
+from .progress import Reporter
+
 log = logging.getLogger(__name__)
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -149,8 +151,8 @@ def measure_quality(spec, thresholds=THRESHOLDS, *, prompts: list[list[int]], de
     visits = {t: 0 for t in ths}
     n_tok = 0
     batches = list(_batches(prompts, batch_size))
-    bar = _bar(progress, len(batches) * len(ths))
-    with torch.no_grad():
+    with torch.no_grad(), Reporter(progress, tty_only=False, transient=True) as bars:
+        bar = bars.task("measuring adaptive-k quality", len(batches) * len(ths))
         for batch in batches:
             ids = torch.tensor(batch, device=device)  # [B, S]
             target = ids[:, 1:]  # [B, S-1]
@@ -169,9 +171,8 @@ def measure_quality(spec, thresholds=THRESHOLDS, *, prompts: list[list[int]], de
                     ref = logp
                 else:
                     kl[t] += float((ref.exp() * (ref - logp)).sum())
-                bar()
+                bar.advance()
             n_tok += target.numel()
-    bar(done=True)
     ppl_full = math.exp(nll[1.0] / n_tok)
     rows = []
     for t in ths:
@@ -191,26 +192,6 @@ def measure_config_quality(spec, config, *, prompts: list[list[int]], device: st
     row = table.row(a.threshold)
     return {**{k: float(v) for k, v in row.items() if k != "threshold"},
             "quality_loss": max(0.0, row["perplexity_change"])}
-
-
-class _bar:
-    def __init__(self, enabled: bool, total: int):
-        self._p = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import Progress
-
-            self._p = Progress(console=Console(stderr=True), transient=True)
-            self._p.start()
-            self._task = self._p.add_task("measuring adaptive-k quality", total=total)
-
-    def __call__(self, done: bool = False) -> None:
-        if self._p is None:
-            return
-        if done:
-            self._p.stop()
-        else:
-            self._p.advance(self._task)
 
 
 def format_table(rows: list[dict[str, float]]) -> str:

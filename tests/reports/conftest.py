@@ -136,6 +136,8 @@ def toy_metrics(params: dict) -> dict:
 def _study(path: Path, name: str, n_trials: int, multi: bool):
     import optuna
 
+    from tuner.trials import trial_constraints
+
     storage = f"sqlite:///{path}"
     directions = ["maximize", "minimize"] if multi else ["maximize"]
 
@@ -147,7 +149,8 @@ def _study(path: Path, name: str, n_trials: int, multi: bool):
         if trial.number == 5:
             raise ValueError("simulated failure")
         m = toy_metrics(p)
-        trial.set_constraint("peak_over_budget_bytes", m["peak_gpu_bytes"] - BUDGET_BYTES)
+        for key, value in trial_constraints(m, budget_bytes=BUDGET_BYTES, margin_bytes=0).items():
+            trial.set_constraint(key, value)  # the names and formula the tuner records
         trial.set_user_attr("metrics", m)
         return (m["decode_tokens_per_s"], m["quality_loss"]) if multi else m["decode_tokens_per_s"]
 

@@ -94,7 +94,7 @@ def postgres_server(dbname: str = "efstudy") -> Iterator[str]:
         started = True
         import sqlalchemy
 
-        from tuner.study import resolve_url
+        from tuner.storage import resolve_url
 
         admin = sqlalchemy.create_engine(resolve_url(f"postgresql://postgres@127.0.0.1:{port}/postgres"),
                                          isolation_level="AUTOCOMMIT")

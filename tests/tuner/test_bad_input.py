@@ -248,7 +248,8 @@ def test_nan_trial_is_failed_and_the_study_goes_on(tmp_path):
     from expertflow.registry import resolve_model
     from tuner.search_space import parse_space
     from tuner.simulator import Costs, simulate
-    from tuner.study import StudyContext, run_study, sqlite_url
+    from tuner.storage import sqlite_url
+    from tuner.study import StudyContext, run_study
 
     spec = resolve_model(MODEL)
     plan = plan_memory(spec, "2GB")

@@ -73,7 +73,7 @@ def _finish(proc, timeout=240) -> tuple[int, dict | None, str]:
 def _study(url, name):
     import optuna
 
-    from tuner.study import resolve_url
+    from tuner.storage import resolve_url
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     return optuna.load_study(study_name=name, storage=resolve_url(url))
@@ -284,8 +284,10 @@ def test_racing_workers_never_overshoot_the_target(tmp_path):
 
     import optuna
 
-    from tuner.coordination import study_lock, tally, work
-    from tuner.study import TrialFailed, make_storage
+    from tuner.coordination import work
+    from tuner.locks import study_lock
+    from tuner.storage import make_storage
+    from tuner.trials import TrialFailed, tally
 
     url = f"sqlite:///{tmp_path / 'race.db'}"
     optuna.create_study(study_name="race", storage=make_storage(url))
@@ -316,7 +318,7 @@ def test_racing_workers_never_overshoot_the_target(tmp_path):
 
 
 def test_storage_urls_are_shown_without_their_password():
-    from tuner.study import mask_url, storage_error
+    from tuner.storage import mask_url, storage_error
 
     url = "postgresql://ef:s3cret@db.example:5432/studies"
     assert "s3cret" not in mask_url(url) and "ef:***@db.example" in mask_url(url)

@@ -119,7 +119,7 @@ def test_load_space_file_errors(tmp_path):
 def test_suggest_respects_bounds_steps_choices_and_conditions(tiny_config):
     import optuna
 
-    from tuner.study import trial_config
+    from tuner.objective import trial_config
 
     space = packaged_space("tiny-qwen2-moe").resolve(SYMBOLS)
     base = tiny_config("tiny-qwen2-moe", values={"cache.priors": [[1.0] * 8] * 4})

@@ -9,18 +9,9 @@ import pytest
 from expertflow.errors import BudgetError, ConfigError, StorageError
 from tuner import export
 from tuner.search_space import parse_space
-from tuner.study import (
-    DEFAULT_BASELINE,
-    LRU_BASELINE,
-    MEMORY_CONSTRAINT,
-    StudyContext,
-    baseline_values,
-    completed_trials,
-    make_storage,
-    pareto_front,
-    run_study,
-    sqlite_url,
-)
+from tuner.storage import make_storage, sqlite_url
+from tuner.study import DEFAULT_BASELINE, LRU_BASELINE, StudyContext, baseline_values, run_study
+from tuner.trials import MEMORY_CONSTRAINT, completed_trials, pareto_front
 
 SPACE = {"version": 1, "params": {
     "adaptive_k.threshold": {"type": "float", "low": 0.6, "high": 1.0, "step": 0.1},

@@ -161,7 +161,7 @@ def test_every_registry_model_has_a_bundled_preset_and_preset_params_uses_it(mon
     # a bundled model never calibrates; an unknown one does
     synthetic.preset_params.cache_clear()
     calls = []
-    monkeypatch.setattr(synthetic, "calibrate", lambda *a, **k: calls.append(k) or None)
+    monkeypatch.setattr(synthetic.bundle, "calibrate", lambda *a, **k: calls.append(k) or None)
     name, family, dims = next(_registry_dims())
     assert isinstance(synthetic.preset_params(family, **dims), SyntheticParams) and calls == []
     synthetic.preset_params(family, **{**dims, "num_experts": dims["num_experts"] + 2})

@@ -59,7 +59,7 @@ def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | N
     from .. import stats, synthetic
     from ..profile import Profile, new_profile_id
     from . import activation
-    from .progress import Reporter
+    from ..progress import Reporter
 
     if routing not in ROUTING_KINDS:
         raise ConfigError(f"routing {routing!r} is not one of {', '.join(ROUTING_KINDS)}")

@@ -26,7 +26,7 @@ from expertflow.errors import DataError, ModelError
 from expertflow.registry import ModelSpec
 from expertflow.trace import RoutingTrace
 
-from .progress import NULL, Reporter
+from ..progress import NULL, Reporter
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ import torch
 
 from expertflow.registry import ModelSpec
 
-from .progress import NULL, Reporter
+from ..progress import NULL, Reporter
 
 log = logging.getLogger(__name__)
 
