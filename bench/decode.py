@@ -120,18 +120,52 @@ def hf_generate_rate(model, ids, new_tokens):
     return (new_tokens - 1) / max(tn - t1, 1e-9)
 
 
-def engine_row(model, cfg, trace, plan, label, budget_bytes, bpe):
+def profile_step(eng, steps=5):
+    """Kernels per decode step and their summed GPU time, against the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = eng.graphs.get(eng, 256, 0)
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        g.replay()
+    sync()
+    wall_ms = (time.perf_counter() - t) * 1000 / steps
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            g.replay()
+        sync()
+    ev = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    kernels = [e for e in ev if "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    busy = sum(e.device_time for e in kernels) / 1000 / steps
+    by = {}
+    for e in kernels:
+        by[e.name[:60]] = by.get(e.name[:60], 0.0) + e.device_time / 1000 / steps
+    top = sorted(by.items(), key=lambda kv: -kv[1])[:12]
+    return {"wall_ms": wall_ms, "kernels_per_step": len(kernels) / steps, "gpu_busy_ms": busy,
+            "top": [(n, round(ms, 3)) for n, ms in top]}
+
+
+def engine_row(model, cfg, trace, plan, label, budget_bytes, bpe, profile=False):
     memory_window()
+    mem = {}
     eng = attach(model, cfg, device="cuda")
     try:
+        mem["after_attach"] = torch.cuda.memory_allocated()
         eng.use_replay(max(len(r) for r, _ in plan))
         eng.capture(1, max(len(r) for r, _ in plan) + 1)
+        mem["after_capture"] = torch.cuda.memory_allocated()
         replay_generate(eng, trace, plan[:1])  # warm-up: caches warm like a running server
         eng.reset_stats()
         res = replay_generate(eng, trace, plan)
         st = eng.stats["total"]
         dec = dict(eng.sched.decode)
         alloc, reserved = peaks()
+        mem["end_allocated"], mem["end_reserved"] = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        mem["pool"] = eng.pool.gate_up.numel() * 2 + eng.pool.down.numel() * 2
+        mem["kv"] = sum(k.numel() * k.element_size() * 2 for k, _ in eng.kv.buffers.values())
+        if profile:
+            mem["profile"] = profile_step(eng)
     finally:
         eng.detach()
     n = max(res["decode_tokens"], 1)
@@ -141,7 +175,8 @@ def engine_row(model, cfg, trace, plan, label, budget_bytes, bpe):
             "bytes_per_token": dec["misses"] * bpe / n, "admitted_per_token": dec["admitted"] / n,
             "prefill_tokens_per_s": sum(p for _, p in plan) / res["prefill_s"],
             "peak_alloc": alloc, "peak_reserved": reserved, "budget": budget_bytes,
-            "within_budget": budget_bytes is None or reserved <= budget_bytes, "slots": st["gpu_slots"]}
+            "within_budget": budget_bytes is None or reserved <= budget_bytes, "slots": st["gpu_slots"],
+            "memory": mem}
 
 
 def eager_row(model, cfg, spec, trace, prompt_tokens, decode_tokens, label, budget_bytes):
@@ -180,6 +215,8 @@ def main(argv=None):
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager-runtime row")
     ap.add_argument("--no-transformers", action="store_true", help="skip the all-on-GPU transformers row")
+    ap.add_argument("--sweep", action="store_true",
+                    help="first, one pass over policies x read-through slots at each budget (a table)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from tuner.profiler import run_profile
@@ -210,10 +247,22 @@ def main(argv=None):
         rows.append((f"graph engine @ {budget}", default_config(spec, p, priors=priors).with_values(
             {"cache.policy": args.policy}), p.budget_bytes))
     ids = torch.randint(0, spec.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).cuda()
+    sweep = []
+    if args.sweep:
+        for budget in args.budgets:
+            p = plan_memory(spec, budget)
+            for policy in ("lru", "lfu", "static", "expertflow"):
+                for staging in (1, 2, 4):
+                    cfg = default_config(spec, p, priors=priors).with_values(
+                        {"cache.policy": policy, "cache.read_through_slots": staging})
+                    r = engine_row(model, cfg, trace, plan, f"{budget} {policy} rt={staging}", p.budget_bytes, bpe)
+                    sweep.append(r)
+                    print(f"sweep: {r['row']:<28} {r['tokens_per_s']:7.1f} tok/s hit {r['hit_rate']:.3f} "
+                          f"miss/t {r['misses_per_token']:.1f}", flush=True)
     runs: dict[str, list[dict]] = {}
     for rnd in range(args.rounds):
         for label, cfg, budget in rows:
-            r = engine_row(model, cfg, trace, plan, label, budget, bpe)
+            r = engine_row(model, cfg, trace, plan, label, budget, bpe, profile=rnd == 0 and budget is None)
             runs.setdefault(label, []).append(r)
             print(f"round {rnd}: {r}", flush=True)
         if not args.no_eager:
@@ -249,9 +298,16 @@ def main(argv=None):
     best_hf = max(hf, key=lambda r: r["tokens_per_s"]) if hf else None
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": spec.name,
            "pcie_gbps": gbps, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-           "rounds": args.rounds, "rows": list(med.values())}
+           "rounds": args.rounds, "rows": list(med.values()), "sweep": sweep}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
+    for r in med.values():
+        if "memory" in r:
+            m = {k: (round(v / 2**30, 3) if isinstance(v, (int, float)) else v) for k, v in r["memory"].items()
+                 if k != "profile"}
+            print(f"memory GiB {r['row']}: {m}")
+            if "profile" in r["memory"]:
+                print(f"profile {r['row']}: {r['memory']['profile']}")
     print_table(list(med.values()), best_hf)
     return 0
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from expertflow.core import Scheduler, SchedulerParams
 from expertflow.core.adaptive_k import decide
+from expertflow.core.engine_cache import EngineScheduler
 from expertflow.core.counters import Counters
 from expertflow.trace import DECODE, PREFILL, RoutingTrace
 
@@ -292,6 +293,31 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
     return SimResult(metrics=metrics, counters=sched.counters,
                      timeline={"decode_ms": decode_time, "prefill_ms": prefill_time,
                                "decode_tokens": float(decode_tokens)})
+
+
+def engine_decisions(trace: RoutingTrace, config, *, schedule: str = "decode", prompt_tokens: int = 16,
+                     max_decode_tokens: int | None = None) -> EngineScheduler:
+    """Replay `trace` through the graph engine's own one-step-behind decisions
+    (expertflow.core.engine_cache.EngineScheduler) under `config`; the scheduler holds the
+    counters (hits, misses, read-through admissions, evictions) and its decode-only totals.
+
+    Adaptive-k is decided per row by the core's rule, dropped experts marked -1, as the engine's
+    device code does. The engine's timing model belongs to the simulator's timeline (issue: the
+    tuner on the graph engine); this is the decision replay both share.
+    """
+    params = SchedulerParams.from_config(config)
+    sched = EngineScheduler(params, config.cache.read_through_slots)
+    sched.warm_start_loads()
+    steps = (recorded_schedule(trace) if schedule == "recorded"
+             else decode_schedule(trace, prompt_tokens, config.memory.max_batch, max_decode_tokens))
+    for tok, kind in steps:
+        ids = trace.ids[tok].transpose(1, 0, 2)  # [L, T, k]
+        w = trace.weights[tok].transpose(1, 0, 2)
+        if params.threshold < 1.0:
+            keep, _, _ = decide(w, params.threshold, params.min_k, params.renormalize)
+            ids = np.where(keep, ids, -1)
+        sched.decide(ids, w, kind)
+    return sched
 
 
 def quality_loss(threshold: float, dropped_mass: float, table: dict[float, float] | None) -> float:

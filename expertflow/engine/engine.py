@@ -1,11 +1,9 @@
 """The graph engine: batch-B decode as one CUDA graph per (batch, KV bucket, step parity).
 
 How a decode step runs (shapes: B batch, L MoE layers, E experts, k top-k, H hidden):
-* Transformers' own decoder layers, called in a short model loop of ours (embeddings, rotary,
-  layers, norm, LM head): transformers' model-level forward builds masks and caches with host
-  logic per call, so the engine passes a static KV cache (`StaticKV`, positions on the device)
-  and a mask computed on the device instead. Every architecture whose layers take
-  (hidden, attention_mask, position_ids, cache, position_embeddings) works unchanged.
+* Transformers' own decoder layers in a short model loop of ours (embeddings, rotary, layers,
+  norm, LM head): the model-level forward builds masks and caches with host logic per call, so
+  the engine passes a static KV cache (`StaticKV`, positions on the device) and a device mask.
 * Routed experts go through the "expertflow" experts backend to `_layer_forward`, which
   (adaptive-k on the device when the threshold is < 1) writes the layer's kept ids into a
   per-step buffer and runs the Triton kernel that reads every expert through the device address
@@ -17,16 +15,13 @@ How a decode step runs (shapes: B batch, L MoE layers, E experts, k top-k, H hid
 * The host decides step n (expertflow.core.engine_cache.EngineScheduler) after step n+1 was
   launched and uploads the new tables in stream order before step n+2.
 
-Prefill runs eagerly through the same layers (misses copied to the GPU per expert, in one pass
-per layer). On CPU the decode step runs eagerly too, with a torch path that reads through the
-same tables (or the Triton kernel under TRITON_INTERPRET=1): the bookkeeping is the same
-everywhere, only the capture is CUDA's.
+Prefill runs eagerly through the same layers (misses copied per expert). On CPU the decode step
+runs eagerly too, through the same tables (torch path, or Triton under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import time
 from contextlib import AbstractContextManager
@@ -38,18 +33,21 @@ from torch import nn
 
 from ..config import RuntimeConfig
 from ..core import SchedulerParams
-from ..core.engine_cache import DECODE_STEP, PREFILL_STEP, EngineScheduler, staging_ranks
-from ..errors import DeviceError, ModelError
+from ..core.engine_cache import DECODE_STEP, PREFILL_STEP, EngineScheduler
+from ..errors import DeviceError
 from ..runtime.adapters import find_moe_blocks
 from ..runtime.offload import BACKEND_NAME, check_config_matches, register_backend
 from ..runtime.store import HostStore, SlotPool
 from . import kernels
+from .fusion import FusedNorms
+from .graphs import StepGraphs, kv_bucket
 from .static_cache import StaticKV
+from .support import check_supported, device_adaptive_k, experts_torch
+from .tables import DeviceTables
 
 log = logging.getLogger(__name__)
 
 RING = 4  # steps of routed ids kept on the device / in pinned memory (the host is <= 2 behind)
-MIN_BUCKET = 128  # smallest KV length a decode graph attends over; buckets double up to max_len
 
 
 @dataclass
@@ -65,47 +63,6 @@ class GenerationOutput:
         b = self.sequences.shape[0]
         steps = max(self.new_tokens - 1, 0)
         return b * steps / self.decode_s if self.decode_s > 0 else 0.0
-
-
-def device_adaptive_k(ids: torch.Tensor, w: torch.Tensor, threshold: float, min_k: int,
-                      renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """expertflow.core.adaptive_k's rule on the device: (ids with dropped = -1, new weights)."""
-    wd = w.to(torch.float32).to(torch.float64)  # [T, k]
-    k = wd.shape[1]
-    pos = torch.arange(k, device=w.device)
-    wi, wj = wd[:, :, None], wd[:, None, :]
-    heavier = (wi > wj) | ((wi == wj) & (pos[:, None] < pos[None, :]))  # [T, i, j]
-    rank = heavier.sum(dim=1)
-    mass_before = (heavier * wi).sum(dim=1)
-    total = wd.sum(dim=1, keepdim=True)
-    keep = (mass_before < threshold * total) | (rank < min_k)
-    out = torch.where(keep, wd, torch.zeros_like(wd))
-    if renormalize:
-        kept = out.sum(dim=1, keepdim=True)
-        out = out * torch.where(kept > 0, total / kept, torch.ones_like(kept))
-    new_w = out.to(torch.float32).to(w.dtype)
-    return torch.where(keep, ids, torch.full_like(ids, -1)), new_w
-
-
-class EngineReplay:
-    """Routing source for benchmarks and validation: the trace's (ids, weights) per position of
-    the current sequence, indexed on the device by the step's position (so it replays inside a
-    graph). Batch 1. The router still runs (its cost is measured); its result is replaced."""
-
-    def __init__(self, engine: GraphEngine, max_rows: int):
-        L, k = engine.L, engine.k
-        dev = engine.device
-        self.ids = torch.zeros((L, max_rows, k), dtype=torch.long, device=dev)
-        self.w = torch.zeros((L, max_rows, k), dtype=engine.store.dtype, device=dev)
-
-    def load(self, ids: np.ndarray, weights: np.ndarray) -> None:
-        """ids / weights [n, L, k] of one sequence, in position order."""
-        n = ids.shape[0]
-        self.ids[:, :n].copy_(torch.as_tensor(np.ascontiguousarray(ids.transpose(1, 0, 2))))
-        self.w[:, :n].copy_(torch.as_tensor(np.ascontiguousarray(weights.transpose(1, 0, 2))).to(self.w.dtype))
-
-    def route(self, m: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ids[m].index_select(0, positions), self.w[m].index_select(0, positions)
 
 
 class GraphEngine(AbstractContextManager):
@@ -130,7 +87,7 @@ class GraphEngine(AbstractContextManager):
         if kernel == "auto":
             kernel = "triton" if kernels.triton_available() and (self.cuda or kernels.interpreter_on()) else "torch"
         self.kernel = kernel
-        self._check_supported()
+        check_supported(model, self.blocks)
         self.L = len(self.blocks)
         self.E = int(self.blocks[0].experts.num_experts)
         self.k = config.model.top_k
@@ -148,7 +105,12 @@ class GraphEngine(AbstractContextManager):
         for ld in self.sched.warm_start_loads():
             self.pool.fill(self.store, ld.layer, ld.expert, ld.slot)
         self.I = self.store.down_shape[1]
-        self._build_tables()
+        self.tables = DeviceTables(self.sched, self.store, self.pool, self.device, self.R)
+        t = self.tables
+        self.gu_table, self.dn_table, self.loc_table = t.gu, t.dn, t.loc
+        self.stage_gu, self.stage_dn, self.stage_loc = t.stage_gu, t.stage_dn, t.stage_loc
+        self.spans = self.pool.spans()
+        self.norms = FusedNorms(model) if self.kernel == "triton" else None
         base = getattr(model, "model", model)
         self.layers = list(base.layers)
         self.embed = model.get_input_embeddings()
@@ -158,10 +120,9 @@ class GraphEngine(AbstractContextManager):
         params = inspect.signature(type(self.layers[0]).forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         model.set_experts_implementation(BACKEND_NAME)
-        self.replay: EngineReplay | None = None
+        self.replay = None  # an EngineReplay routes from a trace instead of the router
         self.batch = 0
-        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
-        self._mempool = torch.cuda.graph_pool_handle() if self.graphs_on else None
+        self.graphs = StepGraphs(self.device) if self.graphs_on else StepGraphs(None)
         self._pending: list[tuple[int, int, object]] = []  # (kind, step, event or (ids, weights))
         self.enqueued = 0  # steps run or launched so far (the index of the next one)
         self.bytes_moved = 0
@@ -174,78 +135,6 @@ class GraphEngine(AbstractContextManager):
         log.info("expertflow graph engine attached: %d MoE layers x %d experts, %d GPU slots "
                  "(%d read-through per layer and parity), kernel %s, graphs %s", self.L, self.E,
                  self.sched.num_slots, self.R, self.kernel, self.graphs_on)
-
-    # ---- checks ---------------------------------------------------------------------------
-    def _check_supported(self) -> None:
-        cfg = self.model.config
-        act = getattr(cfg, "hidden_act", "silu")
-        if act != "silu":
-            raise ModelError(f"the graph engine computes SiLU-gated experts; this model's hidden_act is "
-                             f"{act!r}: use runtime.engine: eager")
-        ex = self.blocks[0].experts
-        if getattr(ex, "is_transposed", False) or not getattr(ex, "is_concatenated", True):
-            raise ModelError(f"{type(ex).__name__} stores gate/up transposed or interleaved; the graph "
-                             "engine reads [gate; up] rows: use runtime.engine: eager")
-        types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-        if types - {"full_attention"}:
-            raise ModelError(f"the graph engine attends over full causal attention; this model has "
-                             f"{sorted(types)} layers: use runtime.engine: eager")
-        base = getattr(self.model, "model", self.model)
-        for name in ("norm", "rotary_emb", "layers"):
-            if not hasattr(base, name):
-                raise ModelError(f"{type(base).__name__} has no .{name}; the graph engine needs the "
-                                 "standard decoder layout: use runtime.engine: eager")
-
-    # ---- tables ---------------------------------------------------------------------------
-    def _build_tables(self) -> None:
-        """Device tables, packed in one buffer so one copy updates them all:
-        gu [L, E], dn [L, E] addresses; loc [L, E] slot or -1; stage_gu / stage_dn / stage_loc
-        [2, L, R] per parity (0 / -1 = none)."""
-        L, E, R = self.L, self.E, self.R
-        st, pool = self.store, self.pool
-        gu_bytes = st.gate_up[0][0].numel() * st.gate_up[0].element_size()
-        dn_bytes = st.down[0][0].numel() * st.down[0].element_size()
-        self._gu_host = np.array([[st.gate_up[m].data_ptr() + e * gu_bytes for e in range(E)] for m in range(L)],
-                                 dtype=np.int64)
-        self._dn_host = np.array([[st.down[m].data_ptr() + e * dn_bytes for e in range(E)] for m in range(L)],
-                                 dtype=np.int64)
-        self._gu_pool, self._dn_pool = pool.gate_up.data_ptr(), pool.down.data_ptr()
-        self._gu_bytes, self._dn_bytes = gu_bytes, dn_bytes
-        self.spans = pool.spans()
-        n = 3 * L * E + 3 * 2 * L * R
-        self._tables_dev = torch.zeros(n, dtype=torch.int64, device=self.device)
-        pin = self.cuda
-        self._tables_host = [torch.zeros(n, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
-        self._upload_i = 0
-        o = 0
-        views = []
-        for shape in ((L, E), (L, E), (L, E), (2, L, R), (2, L, R), (2, L, R)):
-            size = int(np.prod(shape))
-            views.append(self._tables_dev[o:o + size].view(*shape))
-            o += size
-        self.gu_table, self.dn_table, self.loc_table, self.stage_gu, self.stage_dn, self.stage_loc = views
-        self._upload()
-
-    def _packed(self) -> np.ndarray:
-        L, R = self.L, self.R
-        loc = self.sched.table()  # [L, E]
-        gu = np.where(loc >= 0, self._gu_pool + loc * self._gu_bytes, self._gu_host)
-        dn = np.where(loc >= 0, self._dn_pool + loc * self._dn_bytes, self._dn_host)
-        stage = np.full((2, L, R), -1, dtype=np.int64)
-        for parity in (0, 1):
-            t = self.sched.stage_table(parity)
-            stage[parity, :, :t.shape[1]] = t[:, :R]
-        s_gu = np.where(stage >= 0, self._gu_pool + stage * self._gu_bytes, 0)
-        s_dn = np.where(stage >= 0, self._dn_pool + stage * self._dn_bytes, 0)
-        return np.concatenate([gu.ravel(), dn.ravel(), loc.ravel(), s_gu.ravel(), s_dn.ravel(), stage.ravel()])
-
-    def _upload(self) -> None:
-        """Enqueue the host's tables on the compute stream (double-buffered pinned source: the
-        buffer is rewritten two decisions later, after the step that follows this copy)."""
-        buf = self._tables_host[self._upload_i]
-        self._upload_i ^= 1
-        buf.numpy()[:] = self._packed()
-        self._tables_dev.copy_(buf, non_blocking=self.cuda)
 
     # ---- per-batch buffers ----------------------------------------------------------------
     def _setup_batch(self, B: int) -> None:
@@ -272,9 +161,11 @@ class GraphEngine(AbstractContextManager):
         self.graphs.clear()
         self.batch = B
 
-    def use_replay(self, max_rows: int) -> EngineReplay:
+    def use_replay(self, max_rows: int):
         """Route from a trace instead of the router (see EngineReplay). Graphs captured before
         read the router: they are dropped and captured again on first use."""
+        from .replay import EngineReplay  # noqa: PLC0415 - replay builds on this module
+
         self.replay = EngineReplay(self, max_rows)
         self.graphs.clear()
         return self.replay
@@ -300,33 +191,9 @@ class GraphEngine(AbstractContextManager):
 
     def _experts_eager(self, m: int, h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
                        stage_writes: bool) -> torch.Tensor:
-        """Torch path through the same tables (host reads of ids: prefill, CPU decode): each
-        needed expert once, from its slot or copied from the host; with `stage_writes`, the r-th
-        miss is written into staging slot r as the kernel does."""
-        ids_np = ids.cpu().numpy()
-        loc = self.loc_table[m].tolist()
-        out = torch.zeros_like(h)
         stage = self.stage_loc[self._parity, m].tolist() if stage_writes else []
-        rank = dict(staging_ranks(ids_np, [s >= 0 for s in loc])) if stage_writes else {}
-        wd = w.to(h.dtype)
-        for e in sorted({int(x) for x in ids_np.ravel() if x >= 0}):
-            s = loc[e]
-            if s >= 0:
-                gu, dn = self.pool.gate_up[s], self.pool.down[s]
-            else:
-                gu = self.store.gate_up[m][e].to(self.device, non_blocking=True)
-                dn = self.store.down[m][e].to(self.device, non_blocking=True)
-                self.bytes_moved += self.store.expert_bytes
-                r = rank.get(e, len(stage))
-                if r < len(stage) and stage[r] >= 0:
-                    self.pool.gate_up[stage[r]].copy_(gu)
-                    self.pool.down[stage[r]].copy_(dn)
-            tok, j = np.nonzero(ids_np == e)
-            tok_t = torch.as_tensor(tok, device=self.device)
-            j_t = torch.as_tensor(j, device=self.device)
-            g, u = nn.functional.linear(h.index_select(0, tok_t), gu).chunk(2, dim=-1)
-            y = nn.functional.linear(nn.functional.silu(g) * u, dn)
-            out.index_add_(0, tok_t, y * wd[tok_t, j_t, None])
+        out, copied = experts_torch(h, ids, w, m, self.loc_table[m].tolist(), stage, self.pool, self.store)
+        self.bytes_moved += copied * self.store.expert_bytes
         return out
 
     # ---- the model loop -------------------------------------------------------------------
@@ -366,33 +233,6 @@ class GraphEngine(AbstractContextManager):
         self.ring_i.add_(1).remainder_(RING)
         self.positions.add_(1)
 
-    def _bucket(self, length: int) -> int:
-        b = MIN_BUCKET
-        while b < length:
-            b *= 2
-        return min(b, self.max_len)
-
-    def _graph(self, length: int, parity: int):
-        key = (self.batch, length, parity)
-        g = self.graphs.get(key)
-        if g is not None:
-            return g
-        state = [t.clone() for t in (self.tok, self.positions, self.ring_i)]
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # compile kernels, allocate lazily, outside the capture
-                self._decode_step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        for t, s in zip((self.tok, self.positions, self.ring_i), state):
-            t.copy_(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._mempool):
-            self._decode_step()
-        self.graphs[key] = g
-        log.debug("captured decode graph batch %d, kv %d, parity %d", *key)
-        return g
-
     # ---- decisions ------------------------------------------------------------------------
     def _decide_oldest(self) -> None:
         kind, step, item = self._pending.pop(0)
@@ -414,7 +254,7 @@ class GraphEngine(AbstractContextManager):
                 if slot >= 0:
                     self.pool.fill(self.store, layer, e, slot, non_blocking=self.cuda)
                     self.bytes_moved += self.store.expert_bytes
-        self._upload()
+        self.tables.upload()
 
     def _drain(self) -> None:
         while self._pending:
@@ -445,7 +285,7 @@ class GraphEngine(AbstractContextManager):
         for c0 in range(0, P, chunk):
             c1 = min(P, c0 + chunk)
             self.kv.positions = torch.arange(c0, c1, device=dev)
-            self.kv.length = self._bucket(c1)
+            self.kv.length = kv_bucket(self.max_len, c1)
             logits = self._forward(ids[:, c0:c1])
         self._mode = "decode"
         self.kv.positions = self.positions
@@ -465,12 +305,12 @@ class GraphEngine(AbstractContextManager):
         t1 = time.perf_counter()
         # ---- decode: launch step n+1, then decide step n
         for i in range(1, max_new_tokens):
-            length = self._bucket(P + i)
+            length = kv_bucket(self.max_len, P + i)
             parity = self.enqueued % 2
             self._parity = parity
             self.kv.length = length
             if self.graphs_on:
-                self._graph(length, parity).replay()
+                self.graphs.get(self, length, parity).replay()
             else:
                 self._decode_step()
             ev = None
@@ -495,20 +335,10 @@ class GraphEngine(AbstractContextManager):
         """Capture every decode graph a generation of up to `max_tokens` positions needs, now
         (benchmarks: keep capture out of the timed region)."""
         self._setup_batch(batch)
-        if not self.graphs_on:
-            return
-        self._drain()
-        length = MIN_BUCKET
-        while True:
-            b = self._bucket(length)
-            for parity in (0, 1):
-                self._parity = parity
-                self.kv.length = b
-                self._graph(b, parity)
-            if b >= min(max_tokens, self.max_len):
-                break
-            length = b * 2
-        self._sync()
+        if self.graphs_on:
+            self._drain()
+            self.graphs.capture_all(self, max_tokens)
+            self._sync()
 
     def _sync(self) -> None:
         if self.cuda:
@@ -527,9 +357,6 @@ class GraphEngine(AbstractContextManager):
         t["engine"] = "graph" if self.graphs_on else "eager-step"
         return d
 
-    def stats_json(self) -> str:
-        return json.dumps(self.stats, indent=2)
-
     def reset_stats(self) -> None:
         self._drain()
         self.counters.reset()
@@ -545,10 +372,12 @@ class GraphEngine(AbstractContextManager):
         self._sync()
         self.graphs.clear()
         self.store.restore()
+        if self.norms is not None:
+            self.norms.restore()
         prev = self._prev_impl
         self.model.set_experts_implementation(prev if len(prev) > 1 else prev.get("") or "grouped_mm")
         self.pool = None
-        self._tables_dev = None
+        self.tables = None
         self.kv = None
         self._attached = False
         if self.cuda:
@@ -556,21 +385,6 @@ class GraphEngine(AbstractContextManager):
 
     def __exit__(self, *exc) -> None:
         self.detach()
-
-
-def replay_generate(engine: GraphEngine, trace, plan) -> dict[str, float]:
-    """Generate over `plan` (tuner.validate.replay_schedule: per sequence its trace rows in
-    position order and prefill length) with the trace's routing replayed; decode totals."""
-    replay = engine.replay if engine.replay is not None else engine.use_replay(max(len(r) for r, _ in plan))
-    decode_s = prefill_s = 0.0
-    tokens = 0
-    for rows, p in plan:
-        replay.load(trace.ids[rows], trace.weights[rows])
-        out = engine.generate(torch.zeros((1, p), dtype=torch.long), len(rows) - p + 1)
-        decode_s += out.decode_s
-        prefill_s += out.prefill_s
-        tokens += out.new_tokens - 1
-    return {"decode_s": decode_s, "prefill_s": prefill_s, "decode_tokens": tokens, "sequences": len(plan)}
 
 
 def attach(model: nn.Module, config: RuntimeConfig | str, *, device: str | None = None, **kwargs) -> GraphEngine:

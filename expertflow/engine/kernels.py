@@ -7,7 +7,7 @@
 reading expert e of MoE layer `layer` from the address in `gu_table[layer, e]` / `dn_table[layer,
 e]`: an address inside the GPU slot pool (a hit) or inside the pinned host store (a miss, read
 zero-copy over PCIe through unified addressing). No host sync, no copy, no graph break: the whole
-layer is two kernels (gate_up + activation, then down x weight) and one sum over k, so it can be
+layer is two kernels (gate_up + activation, then down x weight summed over k), so it can be
 captured in a CUDA graph and still follow a cache that changes between replays.
 
 Read-through: when `stage_gu`/`stage_dn` rows hold addresses (0 = none), the r-th missed expert
@@ -17,7 +17,7 @@ admitting it later costs no second transfer.
 
 Numerics follow transformers' batched_mm backend: gate/up rounded to the model dtype before the
 activation, the activation rounded, the down projection rounded, times the routing weight in the
-model dtype, summed over k. Accumulation is float32.
+model dtype, summed over k in float32 and rounded once. Accumulation is float32.
 
 Runs on CUDA, and on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1), which is how CI
 tests it. Shapes: T tokens, k top-k, P = T*k pairs, H hidden, I expert width, L layers, E experts.
@@ -111,38 +111,64 @@ if triton is not None:
 
     @triton.jit
     def _down_kernel(act_ptr, ids_ptr, w_ptr, table_ptr, stage_ptr, out_ptr, layer, pool_lo, pool_hi,
-                     E, I, H, R, P: tl.constexpr, PB: tl.constexpr, WRITE: tl.constexpr,
+                     E, I, H, R, K: tl.constexpr, P: tl.constexpr, PB: tl.constexpr, WRITE: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        p = tl.program_id(0)
+        """out[t, rows] = sum_j round(round(down_e act_p) * w_p) over token t's k experts."""
+        t = tl.program_id(0)
         hb = tl.program_id(1)
         dtype = out_ptr.dtype.element_ty
         rows = hb * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < H
-        e = tl.load(ids_ptr + p)
-        if e >= 0:
-            addr = tl.load(table_ptr + layer * E + e)
-            d_w = addr.to(tl.pointer_type(dtype))
-            ks = tl.arange(0, BLOCK_K)
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            if WRITE:
-                dst = _stage_dst(ids_ptr, table_ptr, stage_ptr, layer, e, addr, pool_lo, pool_hi, E, R, P, PB)
-                d_ptr = dst.to(tl.pointer_type(dtype))
-                wrows = rmask & (tl.zeros([BLOCK_N], dtype=tl.int64) + dst != 0)
-            for k0 in range(0, I, BLOCK_K):
-                kk = k0 + ks
-                kmask = kk < I
-                av = tl.load(act_ptr + p * I + kk, mask=kmask, other=0.0).to(tl.float32)
-                offs = rows[:, None] * I + kk[None, :]
-                m2 = rmask[:, None] & kmask[None, :]
-                wd = tl.load(d_w + offs, mask=m2, other=0.0)
+        ks = tl.arange(0, BLOCK_K)
+        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for j in tl.static_range(K):
+            p = t * K + j
+            e = tl.load(ids_ptr + p)
+            if e >= 0:
+                addr = tl.load(table_ptr + layer * E + e)
+                d_w = addr.to(tl.pointer_type(dtype))
+                acc = tl.zeros([BLOCK_N], dtype=tl.float32)
                 if WRITE:
-                    tl.store(d_ptr + offs, wd, mask=wrows[:, None] & kmask[None, :])
-                acc += tl.sum(wd.to(tl.float32) * av[None, :], axis=1)
-            wt = tl.load(w_ptr + p).to(tl.float32)
-            y = (acc.to(dtype).to(tl.float32) * wt).to(dtype)
-            tl.store(out_ptr + p * H + rows, y, mask=rmask)
-        else:
-            tl.store(out_ptr + p * H + rows, tl.zeros([BLOCK_N], dtype=tl.float32).to(dtype), mask=rmask)
+                    dst = _stage_dst(ids_ptr, table_ptr, stage_ptr, layer, e, addr, pool_lo, pool_hi, E, R, P, PB)
+                    d_ptr = dst.to(tl.pointer_type(dtype))
+                    wrows = rmask & (tl.zeros([BLOCK_N], dtype=tl.int64) + dst != 0)
+                for k0 in range(0, I, BLOCK_K):
+                    kk = k0 + ks
+                    kmask = kk < I
+                    av = tl.load(act_ptr + p * I + kk, mask=kmask, other=0.0).to(tl.float32)
+                    offs = rows[:, None] * I + kk[None, :]
+                    m2 = rmask[:, None] & kmask[None, :]
+                    wd = tl.load(d_w + offs, mask=m2, other=0.0)
+                    if WRITE:
+                        tl.store(d_ptr + offs, wd, mask=wrows[:, None] & kmask[None, :])
+                    acc += tl.sum(wd.to(tl.float32) * av[None, :], axis=1)
+                wt = tl.load(w_ptr + p).to(tl.float32)
+                total += (acc.to(dtype).to(tl.float32) * wt).to(dtype).to(tl.float32)
+        tl.store(out_ptr + t * H + rows, total.to(dtype), mask=rmask)
+
+    @triton.jit
+    def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, N, eps, BLOCK: tl.constexpr):
+        """transformers' RMSNorm: weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype), per row."""
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        m = offs < N
+        dtype = out_ptr.dtype.element_ty
+        x = tl.load(x_ptr + row * N + offs, mask=m, other=0.0).to(tl.float32)
+        var = tl.sum(x * x, axis=0) / N
+        y = (x * tl.math.rsqrt(var + eps)).to(x_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * N + offs, (w * y).to(dtype), mask=m)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """One-kernel RMSNorm over the last dim, the same formula as transformers' *RMSNorm."""
+    N = x.shape[-1]
+    xc = x.contiguous()
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    rows = xc.numel() // N
+    _rmsnorm_kernel[(rows,)](xc, weight, out, N, eps, BLOCK=_next_pow2(N), num_warps=4 if N <= 4096 else 8)
+    return out
 
 
 def _next_pow2(n: int) -> int:
@@ -177,16 +203,16 @@ def experts_through_table(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     st_dn = stage_dn if write else dn_table
     (glo, ghi), (dlo, dhi) = pool_ranges
     act = torch.empty((P, I), dtype=x.dtype, device=x.device)
-    part = torch.empty((P, H), dtype=x.dtype, device=x.device)
+    out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     (gn, gk, gw), (dn_, dk, dw) = blocks or (GATE_UP_BLOCKS, DOWN_BLOCKS)
     PB = max(2, _next_pow2(P))
     _gate_up_kernel[(P, triton.cdiv(I, gn))](
         x, ids, gu_table, st_gu, act, layer, glo, ghi, E, I, H, R, K=K, P=P, PB=PB, WRITE=write,
         BLOCK_N=gn, BLOCK_K=gk, num_warps=gw)
-    _down_kernel[(P, triton.cdiv(H, dn_))](
-        act, ids, w, dn_table, st_dn, part, layer, dlo, dhi, E, I, H, R, P=P, PB=PB, WRITE=write,
+    _down_kernel[(T, triton.cdiv(H, dn_))](
+        act, ids, w, dn_table, st_dn, out, layer, dlo, dhi, E, I, H, R, K=K, P=P, PB=PB, WRITE=write,
         BLOCK_N=dn_, BLOCK_K=dk, num_warps=dw)
-    return part.view(T, K, H).sum(dim=1)
+    return out
 
 
 def experts_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,

@@ -1,0 +1,75 @@
+"""The captured decode graphs: one per (batch, KV bucket, step parity).
+
+A graph attends over a bucket of the static KV cache (128 positions, doubling up to the cache's
+length) so a short context reads a short cache; the step parity picks which staging table the
+read-through kernel writes into. Capture warms up on a side stream first (kernel compilation,
+lazy allocations), then restores the step's state, so warm-up leaves no trace in the output.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MIN_BUCKET = 128  # smallest KV length a decode graph attends over; buckets double up to max_len
+
+
+def kv_bucket(max_len: int, length: int) -> int:
+    """The KV length a step attending over `length` positions reads: 128, doubling, capped."""
+    b = MIN_BUCKET
+    while b < length:
+        b *= 2
+    return min(b, max_len)
+
+
+class StepGraphs:
+    def __init__(self, device: torch.device | None):
+        self.device = device
+        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle() if device is not None else None
+
+    def clear(self) -> None:
+        self.graphs.clear()
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def get(self, engine, length: int, parity: int):
+        key = (engine.batch, length, parity)
+        g = self.graphs.get(key)
+        if g is None:
+            g = self._capture(engine, length, parity)
+            self.graphs[key] = g
+        return g
+
+    def capture_all(self, engine, max_tokens: int) -> None:
+        length = MIN_BUCKET
+        while True:
+            b = kv_bucket(engine.max_len, length)
+            for parity in (0, 1):
+                self.get(engine, b, parity)
+            if b >= min(max_tokens, engine.max_len):
+                break
+            length = b * 2
+
+    def _capture(self, engine, length: int, parity: int):
+        engine._parity = parity
+        engine.kv.length = length
+        state = (engine.tok, engine.positions, engine.ring_i)
+        saved = [t.clone() for t in state]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compile kernels, allocate lazily, outside the capture
+                engine._decode_step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        for t, s in zip(state, saved):
+            t.copy_(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            engine._decode_step()
+        log.debug("captured decode graph batch %d, kv %d, parity %d", engine.batch, length, parity)
+        return g
