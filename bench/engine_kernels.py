@@ -57,11 +57,11 @@ def main(argv=None) -> int:
     nbytes = K * (gub + dnb)
     print(f"{'where':<5} {'gate_up blocks':<16} {'down blocks':<16} {'us':>8} {'GB/s':>8} {'rel err':>9}")
     best = {}
-    g_cands = [(4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8)]
-    d_cands = [(4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8)]
+    g_cands = [(2, 1024, 4), (2, 512, 2), (4, 512, 4), (4, 1024, 4), (4, 512, 2), (4, 256, 2), (8, 512, 4)]
+    d_cands = [(2, 512, 2), (4, 512, 4), (4, 256, 2), (4, 1024, 4), (8, 512, 4)]
     for where in ("hbm", "host"):
         gu_t, dn_t = tables(where)
-        pairs = list(itertools.product(g_cands, d_cands)) if where == "hbm" else [(g_cands[1], d_cands[1]), (g_cands[3], d_cands[3])]
+        pairs = list(itertools.product(g_cands, d_cands)) if where == "hbm" else [(g_cands[2], d_cands[1])]
         for gb, db in pairs:
             blocks = (gb, db)
             fn = lambda: kernels.experts_through_table(x, ids, w, 0, gu_t, dn_t, None, None, spans, I, blocks=blocks)  # noqa: E731

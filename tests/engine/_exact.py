@@ -57,3 +57,18 @@ def resident_bytes_equal(eng) -> bool:
 def max_logit_diff(outs, ref) -> float:
     r = torch.stack(ref.step_logits).float()
     return max((torch.stack(o.step_logits).float() - r).abs().max().item() for o in outs)
+
+
+def agreement(out, ref) -> tuple[int, float, float | None]:
+    """Free-running greedy runs of batch 1 compared step by step: (steps whose tokens agree
+    from the start, max |logit diff| over those steps, the reference's top-1 minus top-2
+    logit margin at the first step where the tokens differ, or None when all agree)."""
+    P = ref.sequences.shape[1] - len(ref.step_logits)
+    same, worst = 0, 0.0
+    for i, (a, b) in enumerate(zip(out.step_logits, ref.step_logits)):
+        worst = max(worst, (a.float() - b.float()).abs().max().item())
+        if out.sequences[0, P + i] != ref.sequences[0, P + i]:
+            top = torch.topk(b.float()[0], 2).values
+            return same, worst, (top[0] - top[1]).item()
+        same += 1
+    return same, worst, None

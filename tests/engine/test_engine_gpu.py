@@ -15,7 +15,7 @@ from expertflow.registry import resolve_model
 from expertflow.runtime.generate import greedy_generate
 from expertflow.runtime.loading import build_model, experts_to_host
 
-from ._exact import ARCHS, configs, max_logit_diff, reference, run_engine
+from ._exact import ARCHS, agreement, configs, max_logit_diff, reference, run_engine
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -39,6 +39,10 @@ def test_fp32_graphs_exact_every_policy_and_capacity(name):
 
 
 def test_bf16_qwen2_moe_dims_within_backend_difference():
+    """bf16 rounding differs between any two kernels; the engine must differ from transformers'
+    batched_mm by no more than grouped_mm does (logits over the steps whose tokens agree), and
+    where its greedy tokens part from the reference's, the reference's top-2 margin must be a
+    near-tie of that size (random weights route and predict with tiny margins)."""
     spec = resolve_model("qwen2-moe")
     model = build_model(spec, device="cuda", dtype="bfloat16", seed=0)
     ids = torch.randint(0, spec.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -46,35 +50,47 @@ def test_bf16_qwen2_moe_dims_within_backend_difference():
     for backend in ("batched_mm", "grouped_mm"):
         model.set_experts_implementation(backend)
         refs[backend] = greedy_generate(model, ids, 8, keep_logits=True)
-    backend_diff = max_logit_diff([refs["grouped_mm"]], refs["batched_mm"])
+    _, noise, _ = agreement(refs["grouped_mm"], refs["batched_mm"])
     experts_to_host(model)
     L, E = spec.num_moe_layers, spec.num_experts
     plan = plan_memory(spec, "40GB")
     for cap in (L, L * E // 2, L * E):
         cfg = default_config(spec, plan).with_values({"cache.capacity_experts": cap})
         outs, stats, _ = run_engine(model, cfg, ids, 8, "cuda")
-        d = max_logit_diff(outs, refs["batched_mm"])
-        print(f"qwen2-moe bf16 cap {cap}: engine vs batched_mm {d:.3e}, grouped_mm vs batched_mm {backend_diff:.3e}")
-        assert d <= max(backend_diff, 1e-6) * 1.5, (cap, d, backend_diff)
+        for out in outs:
+            same, d, margin = agreement(out, refs["batched_mm"])
+            print(f"qwen2-moe bf16 cap {cap}: {same}/8 steps agree, max |logit diff| {d:.3e} "
+                  f"(grouped_mm vs batched_mm {noise:.3e}), margin at divergence {margin}")
+            assert d <= 2 * max(noise, 1e-3), (cap, d, noise)
+            assert margin is None or margin <= 2 * max(noise, 1e-3), (cap, margin, noise)
 
 
-def test_pydocs_128_tokens_identical(pydocs):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pydocs_128_tokens(pydocs, dtype):
+    """The trained checkpoint has real logit margins: in fp32 all 128 greedy tokens equal the
+    un-offloaded model's; in bf16 they may part only at a near-tie of bf16 rounding size."""
     spec = resolve_model(str(pydocs))
     import json
-    prompts = [json.loads(x) for x in (pydocs / "prompts.jsonl").read_text().splitlines() if x.strip()]
+
     from transformers import PreTrainedTokenizerFast
 
+    prompts = [json.loads(x) for x in (pydocs / "prompts.jsonl").read_text().splitlines() if x.strip()]
     tok = PreTrainedTokenizerFast(tokenizer_file=str(pydocs / "tokenizer.json"))
-    ids = torch.tensor([tok.encode(prompts[0]["prompt"])[:48]])
-    model = build_model(spec, device="cuda", dtype="bfloat16")
-    ref = greedy_generate(model, ids, 128, keep_logits=True)
-    experts_to_host(model)
     L, E = spec.num_moe_layers, spec.num_experts
-    plan = plan_memory(spec, "40GB", dtype="bfloat16", max_context_tokens=512)
-    for cap in (L, L * E // 2):
-        cfg = default_config(spec, plan).with_values({"cache.capacity_experts": cap})
-        outs, stats, _ = run_engine(model, cfg, ids, 128, "cuda")
-        same = [int((o.sequences == ref.sequences).all()) for o in outs]
-        print(f"pydocs cap {cap}: identical {same}, hit rate {stats['hit_rate']:.3f}, "
-              f"max |logit diff| {max_logit_diff(outs, ref):.3e}")
-        assert all(same), cap
+    plan = plan_memory(spec, "40GB", dtype=dtype, max_context_tokens=512)
+    for prompt in prompts[:2]:
+        ids = torch.tensor([tok.encode(prompt["prompt"])[:48]])
+        model = build_model(spec, device="cuda", dtype=dtype)
+        ref = greedy_generate(model, ids, 128, keep_logits=True)
+        experts_to_host(model)
+        for cap in (L, L * E // 2, L * E):
+            cfg = default_config(spec, plan, dtype=dtype).with_values({"cache.capacity_experts": cap})
+            outs, stats, _ = run_engine(model, cfg, ids, 128, "cuda")
+            for out in outs:
+                same, d, margin = agreement(out, ref)
+                print(f"pydocs {dtype} cap {cap}: {same}/128 tokens agree, max |logit diff| {d:.3e}, "
+                      f"margin at divergence {margin}, hit rate {stats['hit_rate']:.3f}")
+                if dtype == "float32":
+                    assert same == 128 and d < 1e-3, (cap, same, d)
+                else:
+                    assert margin is None or margin < 0.1, (cap, same, margin)
