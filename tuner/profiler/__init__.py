@@ -44,12 +44,13 @@ def _routing_note(kind: str, spec, n_prompts: int, n_tokens: int, params=None, t
 def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | None = None,
                 device: str = "auto", routing: str = "auto", max_tokens: int | None = None,
                 quick: bool = False, seed: int = 0, hardware: str | None = None,
-                dtype: str | None = None, progress: bool = True):
+                dtype: str | None = None, progress: bool = True, force: bool = False):
     """Profile `model` (alias, checkpoint dir or ModelSpec); save to `out` when given; return
     the Profile.
 
     hardware: None = measure timing on `device`; a bundled name (e.g. "h200") = take timing and
     hardware facts from that bundle (DataError when it is missing for this model).
+    force: write into an `out` folder that holds other files (they are kept; tuner.profile).
     Raises ModelError, DataError, DeviceError, ConfigError (one line each).
     """
     from expertflow.config import now_iso, tool_version
@@ -149,7 +150,7 @@ def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | N
     }
     profile = Profile(meta=meta, trace=trace, tables={**tables, **timing_tables})
     if out is not None:
-        profile.save(out)
+        profile.save(out, force=force)
         log.info("profile %s written to %s", profile.profile_id, out)
     return profile
 
@@ -167,10 +168,22 @@ def profile_summary(profile) -> dict:
 
 
 def cli_profile(args) -> int:
-    """Handler of `ef-profile` (tuner/cli.py builds the parser)."""
-    profile = run_profile(args.model, out=args.out, prompts=args.prompts, device=args.device,
-                          routing=args.routing, max_tokens=args.max_tokens, quick=args.quick,
-                          seed=args.seed)
+    """Handler of `ef-profile` (tuner/cli.py builds the parser). --out is checked first, before
+    any work; a failed run leaves it as it was found."""
+    from expertflow.errors import ExpertFlowError
+    from expertflow.fsutil import claim_out_dir
+
+    from ..profile import is_profile_file
+
+    force = getattr(args, "force", False)
+    folder = claim_out_dir(args.out, is_profile_file, force=force, what="ef-profile")
+    try:
+        profile = run_profile(args.model, out=args.out, prompts=args.prompts, device=args.device,
+                              routing=args.routing, max_tokens=args.max_tokens, quick=args.quick,
+                              seed=args.seed, force=force)
+    except (ExpertFlowError, KeyboardInterrupt):
+        folder.restore()
+        raise
     s = profile_summary(profile)
     if args.json:
         print(json.dumps(s))
