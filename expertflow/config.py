@@ -356,6 +356,19 @@ def tool_version() -> str:
         return "0.0.0+source"
 
 
+def describe_hardware(hw: dict[str, Any]) -> str:
+    """What a tuning run's timing came from (tuning.json's `hardware`), in words that do not
+    suggest a GPU that is not here: 'tuned for the bundled H200 profile (NVIDIA H200), not
+    measured on this machine'."""
+    source = str(hw.get("source") or "")
+    if source.startswith("bundled:"):
+        return (f"tuned for the bundled {source.split(':', 1)[1].upper()} profile"
+                f"{' (' + hw['gpu_name'] + ')' if hw.get('gpu_name') else ''}, not measured on this machine")
+    if hw.get("gpu_name"):
+        return f"tuned on this machine's {hw['gpu_name']}"
+    return "no GPU: timing measured on this machine's CPU"
+
+
 def default_config(spec, plan, *, hardware: Hardware | None = None, priors=None,
                    profile_id: str | None = None, routing: str | None = None,
                    device: str = "cuda", dtype: str = "bfloat16") -> RuntimeConfig:

@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from expertflow.config import describe_hardware
 from expertflow.errors import DataError
 from expertflow.fsutil import atomic_write_text, read_versioned
 
@@ -387,7 +388,7 @@ def render_report(run: OutputFolder) -> str:
               f"report generated {esc(generated)} from <code>{esc(run.path.resolve())}</code>")
     return string.Template(_asset("report.html.tmpl")).substitute(
         title=esc(f"ExpertFlow tuning report: {model} under {budget}"),
-        subtitle=esc(f"{(t.get('hardware') or {}).get('gpu_name') or 'no GPU'} · "
+        subtitle=esc(f"{describe_hardware(t.get('hardware') or {})} · "
                      f"routing {(t.get('routing') or {}).get('kind', 'unknown')} · "
                      f"{(t.get('validation_note') or 'not validated')}"),
         tool_version=esc(t.get("tool_version", "")), css=_asset("report.css"),
