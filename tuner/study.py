@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 OBJECTIVES = ("decode_tokens_per_s", "quality_loss")
 DIRECTIONS = ("maximize", "minimize")
+METRIC_NAMES = ("decode_tokens_per_s", "quality_loss")  # the objectives' names in the storage
 MEMORY_CONSTRAINT = "memory_over_budget"
 QUALITY_CONSTRAINT = "quality_over_cap"
 DEFAULT_BASELINE = "default config"
@@ -336,6 +337,10 @@ def open_study(storage, name: str, *, seed: int, resume: bool, attrs: dict[str, 
     study = optuna.create_study(study_name=name, storage=storage, directions=list(DIRECTIONS),
                                 sampler=make_sampler(seed), load_if_exists=True)
     is_new = len(study.get_trials(deepcopy=False)) == 0
+    if study.metric_names is None:  # Optuna's tools (optuna-dashboard) show these, not "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(METRIC_NAMES))
     old = study.user_attrs
     for k in ("fingerprint", "budget_bytes", "search_space", "quality_cap", "max_decode_tokens"):
         if k in attrs and k in old and old[k] != attrs[k]:
