@@ -26,11 +26,26 @@ __all__ = ["cli_profile", "profile_summary", "run_profile"]
 ROUTING_KINDS = ("auto", "real", "synthetic")
 
 
+#: What the synthetic presets' "(anchors.md)" citations rest on: a file users do not have.
+_MEASUREMENTS = ("published routing measurements: Mixtral first-expert repeats and next-layer gate "
+                 "accuracy (mixtral-offloading, arXiv 2312.17238; AdapMoE, ICCAD'24), Qwen3-30B-A3B "
+                 "traffic share and LRU hit rates, Qwen2-57B-A14B next-layer gate reuse")
+
+
+def cite_measurements(text: str) -> str:
+    """`text` with the internal "(anchors.md)" citation replaced by the measurements it rests on."""
+    text = str(text)
+    if "anchors.md" not in text:
+        return text
+    text = text.replace("(anchors.md)", "").replace("anchors.md", "").replace(" ;", ";")
+    return " ".join(text.split()).rstrip(" .;") + f" (sources: {_MEASUREMENTS})"
+
+
 def _routing_note(kind: str, spec, n_prompts: int, n_tokens: int, params=None, targets=None) -> str:
     if kind == "synthetic":
         return (f"SYNTHETIC routing: {spec.name} has no trained weights here, so the routing trace "
                 f"({n_tokens} tokens, sized to {n_prompts} prompts) comes from ExpertFlow's synthetic "
-                f"generator (preset {params.preset}, calibrated to {targets.source}). Hit rates, "
+                f"generator (preset {params.preset}, calibrated to {cite_measurements(targets.source)}). Hit rates, "
                 "prefetch accuracy and quality estimates rest on this generator, not on the model's "
                 "own router.")
     if spec.has_weights:
