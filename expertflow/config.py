@@ -237,9 +237,27 @@ class RuntimeConfig(_Strict):
         return config_from_dict(data)
 
     def to_yaml(self) -> str:
-        body = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, default_flow_style=None,
-                              width=100)
+        """The config as YAML: one line per setting, and the activation priors (one row of E
+        values per MoE layer) one line per layer, so the settings stay readable around them."""
+        data = self.model_dump(mode="json")
+        priors = data["cache"].get("priors")
+        marker = "__EXPERTFLOW_PRIORS__"
+        if priors:
+            data["cache"]["priors"] = marker
+        body = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+        if priors:
+            rows = "\n".join("  - [" + ", ".join(_short_float(v) for v in row) + "]" for row in priors)
+            body = body.replace(f"priors: {marker}\n", f"priors:  # activation share per expert, one row per MoE layer\n{rows}\n", 1)
         return SCHEMA_COMMENT.format(v=self.version) + body
+
+
+def _short_float(v: float) -> str:
+    """A float as YAML reads it back exactly, in its shortest form (0.0123, 2.84e-05): PyYAML's
+    own representer (YAML 1.1 wants the dot in 5.0e-324)."""
+    return _YAML_FLOAT.represent_float(float(v)).value
+
+
+_YAML_FLOAT = yaml.representer.SafeRepresenter()
 
 
 class _Shown(str):
