@@ -417,8 +417,32 @@ def build_report(out_dir: str | os.PathLike, report_path: str | os.PathLike | No
     return target
 
 
+REPORT_MARK = "ExpertFlow tuning report"
+
+
+def check_report_target(path: str | os.PathLike, *, force: bool = False) -> None:
+    """OutputError unless `path` is new or an ExpertFlow report (what ef-report may replace):
+    a folder, or a file of other content, is refused (the latter unless `force`)."""
+    from expertflow.errors import OutputError
+
+    target = Path(path)
+    if target.is_dir():
+        raise OutputError(f"--out {str(target)!r} is a folder; pass the report's file path, e.g. "
+                          f"{str(target / 'report.html')!r}")
+    if target.is_file() and not force:
+        try:
+            head = target.read_text(encoding="utf-8", errors="replace")[:4000]
+        except OSError:
+            head = ""
+        if REPORT_MARK not in head:
+            raise OutputError(f"--out {str(target)!r} is a file ef-report did not write; pass a new path, "
+                              "or --force to replace it")
+
+
 def cli_report(args: argparse.Namespace) -> int:
-    """`ef-report DIR [--out PATH]`."""
+    """`ef-report DIR [--out PATH]`: an existing --out is replaced only when it is a report."""
+    if args.out is not None:
+        check_report_target(args.out, force=getattr(args, "force", False))
     path = build_report(args.dir, args.out)
     print(path)
     return 0

@@ -14,7 +14,9 @@ def build_report_parser() -> argparse.ArgumentParser:
                    extra_epilog=[examples_epilog(["ef-report ef-out/qwen2-moe-24GB",
                                                   "ef-report ef-out/qwen2-moe-24GB --out /tmp/qwen2-report.html"])])
     p.add_argument("dir", help="the ef-tune output folder")
-    p.add_argument("--out", default=None, help="report path (default: DIR/report.html)")
+    p.add_argument("--out", default=None, help="report path (default: DIR/report.html); an existing "
+                                               "file that is not a report is refused unless --force")
+    p.add_argument("--force", action="store_true", help="replace an --out file that is not a report")
     return p
 
 

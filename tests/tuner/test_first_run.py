@@ -328,3 +328,24 @@ def test_version_and_help(prog, capsys):
         from tuner.profiler.bundled import bundled_hardware_names
 
         assert bundled_hardware_names() and all(h in text for h in bundled_hardware_names())
+
+
+def test_ef_report_replaces_only_a_report(tmp_path, prof_dir, capsys, left_as_found):
+    from reports.cli import report_main
+
+    out = tmp_path / "out"
+    assert _tune(out, "--profile", prof_dir) == 0
+    mine = tmp_path / "mine.html"
+    mine.write_text("<html>my page</html>")
+    (tmp_path / "a-folder").mkdir()
+    left_as_found.watch(mine, tmp_path / "a-folder")
+    assert report_main([str(out), "--out", str(mine)]) == EXIT_USAGE
+    _err_line(capsys, "ef-report", str(mine), "--force")
+    assert report_main([str(out), "--out", str(tmp_path / "a-folder")]) == EXIT_USAGE
+    _err_line(capsys, "ef-report", "is a folder")
+    left_as_found.check()
+    again = tmp_path / "report.html"
+    assert report_main([str(out), "--out", str(again)]) == 0
+    assert report_main([str(out), "--out", str(again)]) == 0  # its own report: replaced
+    assert report_main([str(out), "--out", str(mine), "--force"]) == 0
+    assert "ExpertFlow tuning report" in mine.read_text()
