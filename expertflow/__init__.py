@@ -5,6 +5,7 @@ Public API (imported lazily, so `import expertflow` stays cheap and pulls in no 
     expertflow.RuntimeConfig            the deployable config (pydantic model)
     expertflow.load_config(path)        strict YAML loader (raises ConfigError)
     expertflow.resolve_model(name)      registry alias or checkpoint dir -> ModelSpec
+    expertflow.default_config(model, budget="24GB")  an untuned config for a model you built
     expertflow.offload(model, config)   attach the scheduler -> handle (.stats, .detach(), `with`)
     expertflow.load_model(name, config) build/load a model straight into offloaded form
 """
@@ -14,12 +15,13 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__all__ = ["RuntimeConfig", "load_config", "save_config", "resolve_model", "offload", "load_model",
+__all__ = ["RuntimeConfig", "default_config", "load_config", "save_config", "resolve_model", "offload", "load_model",
            "ConfigError", "ModelError", "BudgetError", "DataError", "DeviceError", "StorageError",
            "ExpertFlowError", "plan_memory", "parse_size"]
 
 _LAZY = {
     "RuntimeConfig": "expertflow.config",
+    "default_config": "expertflow.api",
     "load_config": "expertflow.config",
     "save_config": "expertflow.config",
     "resolve_model": "expertflow.registry",

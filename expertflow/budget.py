@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .errors import BudgetError
 
@@ -60,6 +61,9 @@ def parse_size(text: str | int) -> ParsedSize:
         if text <= 0:
             raise BudgetError(f"memory size {text} must be positive; write e.g. 24GB or 24GiB")
         return ParsedSize(text, str(text), "bytes")
+    if str(text).strip().startswith("-"):
+        raise BudgetError(f"memory size {str(text).strip()!r} is negative; a budget must be positive, "
+                          "e.g. 24GB or 22GiB")
     m = _SIZE_RE.match(str(text))
     unit = m.group(2).lower() if m else ""
     if unit == "":
@@ -212,3 +216,67 @@ def plan_memory(
     return MemoryPlan(parsed.bytes, non_expert, kv, work, margin, cache_bytes, per_expert,
                       int(capacity), total_experts, max_context_tokens, max_batch,
                       prefill_chunk_tokens, margin_fraction, parsed.text, parsed.unit_meaning)
+
+
+# ---- host memory ------------------------------------------------------------------------------
+def host_memory_available_bytes() -> int | None:
+    """Host RAM this process can still take: /proc/meminfo's MemAvailable, lowered to the cgroup
+    limit's headroom in a container; None where neither can be read (not Linux)."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        avail = None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            room = max(int(limit) - used, 0)
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+@dataclass(frozen=True)
+class HostNeed:
+    """Host RAM a model needs to be built for offloaded inference on `device`."""
+
+    total_bytes: int  # all of it: every weight on a CPU run, the routed experts on a GPU run
+    pinned_bytes: int  # the part that is page-locked (host->GPU copies); 0 on a CPU run
+    params: int
+
+
+def host_memory_need(spec, *, dtype: str, device: str, pin_memory: bool = True) -> HostNeed:
+    """What building `spec` needs in host RAM (imports torch/transformers to count parameters on
+    the meta device). On a GPU run the routed experts live in host memory (pinned when
+    `pin_memory`); on a CPU run every weight does."""
+    from .registry import DTYPE_BYTES
+
+    counts = spec.param_counts()
+    per = DTYPE_BYTES[dtype]
+    if str(device).startswith("cuda"):
+        total = counts["routed"] * per
+        return HostNeed(total, total if pin_memory else 0, counts["total"])
+    return HostNeed(counts["total"] * per, 0, counts["total"])
+
+
+def check_host_memory(spec, *, dtype: str, device: str, pin_memory: bool = True,
+                      available_bytes: int | None = None) -> HostNeed:
+    """BudgetError (one line, the numbers) when this machine's free host RAM cannot hold what
+    building `spec` needs; before anything is allocated. Returns the need."""
+    need = host_memory_need(spec, dtype=dtype, device=device, pin_memory=pin_memory)
+    avail = host_memory_available_bytes() if available_bytes is None else available_bytes
+    if avail is not None and need.total_bytes > avail:
+        pinned = (f", {format_bytes(need.pinned_bytes)} of it pinned for host->GPU copies"
+                  if need.pinned_bytes else "")
+        where = "every weight on the CPU" if not str(device).startswith("cuda") else "its routed experts in host memory"
+        raise BudgetError(
+            f"{spec.name} needs {format_bytes(need.total_bytes)} of host memory ({need.params / 1e9:.2f}B "
+            f"parameters in {dtype}, {where}{pinned}) but this machine has {format_bytes(avail)} "
+            "available; run it on a machine with more memory (or a GPU: then only the experts stay "
+            "in host memory), free some memory, or pick a smaller model")
+    return need

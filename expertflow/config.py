@@ -252,9 +252,27 @@ class RuntimeConfig(_Strict):
         return config_from_dict(data)
 
     def to_yaml(self) -> str:
-        body = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, default_flow_style=None,
-                              width=100)
+        """The config as YAML: one line per setting, and the activation priors (one row of E
+        values per MoE layer) one line per layer, so the settings stay readable around them."""
+        data = self.model_dump(mode="json")
+        priors = data["cache"].get("priors")
+        marker = "__EXPERTFLOW_PRIORS__"
+        if priors:
+            data["cache"]["priors"] = marker
+        body = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+        if priors:
+            rows = "\n".join("  - [" + ", ".join(_short_float(v) for v in row) + "]" for row in priors)
+            body = body.replace(f"priors: {marker}\n", f"priors:  # activation share per expert, one row per MoE layer\n{rows}\n", 1)
         return SCHEMA_COMMENT.format(v=self.version) + body
+
+
+def _short_float(v: float) -> str:
+    """A float as YAML reads it back exactly, in its shortest form (0.0123, 2.84e-05): PyYAML's
+    own representer (YAML 1.1 wants the dot in 5.0e-324)."""
+    return _YAML_FLOAT.represent_float(float(v)).value
+
+
+_YAML_FLOAT = yaml.representer.SafeRepresenter()
 
 
 class _Shown(str):
@@ -369,6 +387,19 @@ def tool_version() -> str:
         return version("expertflow")
     except PackageNotFoundError:  # running from a source tree
         return "0.0.0+source"
+
+
+def describe_hardware(hw: dict[str, Any]) -> str:
+    """What a tuning run's timing came from (tuning.json's `hardware`), in words that do not
+    suggest a GPU that is not here: 'tuned for the bundled H200 profile (NVIDIA H200), not
+    measured on this machine'."""
+    source = str(hw.get("source") or "")
+    if source.startswith("bundled:"):
+        return (f"tuned for the bundled {source.split(':', 1)[1].upper()} profile"
+                f"{' (' + hw['gpu_name'] + ')' if hw.get('gpu_name') else ''}, not measured on this machine")
+    if hw.get("gpu_name"):
+        return f"tuned on this machine's {hw['gpu_name']}"
+    return "no GPU: timing measured on this machine's CPU"
 
 
 def default_config(spec, plan, *, hardware: Hardware | None = None, priors=None,

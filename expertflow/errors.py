@@ -10,7 +10,7 @@ from __future__ import annotations
 # Exit codes (keep in sync with the README table).
 EXIT_OK = 0
 EXIT_INTERNAL = 1  # a bug: an unexpected exception
-EXIT_USAGE = 2  # bad command-line syntax (argparse)
+EXIT_USAGE = 2  # bad command-line usage: syntax, a value out of range, an --out that cannot be used
 EXIT_CONFIG = 3  # malformed / invalid config or search-space file
 EXIT_MODEL = 4  # unknown model, not a MoE checkpoint, config made for another model
 EXIT_BUDGET = 5  # memory budget malformed or too small
@@ -22,10 +22,10 @@ EXIT_INTERRUPTED = 130  # Ctrl-C; the study can be continued with --resume
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_INTERNAL: "internal error (a bug: please report it with the traceback from --debug)",
-    EXIT_USAGE: "bad command-line usage",
+    EXIT_USAGE: "bad command-line usage (a malformed or out-of-range argument, or an --out that cannot be used)",
     EXIT_CONFIG: "invalid config or search-space file",
     EXIT_MODEL: "unknown model, not a MoE checkpoint, or a config made for another model",
-    EXIT_BUDGET: "memory budget malformed or too small",
+    EXIT_BUDGET: "memory budget malformed or too small, or not enough host memory for the model",
     EXIT_DATA: "corrupt/truncated trace or profile, or empty prompt file",
     EXIT_DEVICE: "requested device not available",
     EXIT_STORAGE: "study storage unreachable or unusable",
@@ -43,6 +43,18 @@ class ExpertFlowError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+class UsageError(ExpertFlowError, ValueError):
+    """A command-line argument is out of range or contradicts another one."""
+
+    exit_code = EXIT_USAGE
+
+
+class OutputError(ExpertFlowError, OSError):
+    """An output path cannot be used: it is a file, not writable, or a folder of other files."""
+
+    exit_code = EXIT_USAGE
+
+
 class ConfigError(ExpertFlowError, ValueError):
     """A RuntimeConfig or search-space file is malformed, has an unknown key or a bad value."""
 
@@ -56,7 +68,8 @@ class ModelError(ExpertFlowError, ValueError):
 
 
 class BudgetError(ExpertFlowError, ValueError):
-    """A memory budget string is malformed, or the budget cannot hold the non-expert part."""
+    """A memory budget string is malformed, the budget cannot hold the non-expert part, or this
+    machine's host memory cannot hold the model."""
 
     exit_code = EXIT_BUDGET
 

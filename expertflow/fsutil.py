@@ -78,3 +78,87 @@ def check_version(meta: Any, *, version: Any, source: str, redo: str) -> None:
     if not isinstance(meta, dict) or meta.get("version") != version:
         v = meta.get("version") if isinstance(meta, dict) else type(meta).__name__
         raise DataError(f"{source} has version {v!r}; this ExpertFlow reads version {version}; {redo}")
+
+
+# ---- output folders ---------------------------------------------------------------------------
+TEMP_PREFIX = "."  # atomic_path's and Profile.save's temporaries: hidden, beside the target
+
+
+class OutFolder:
+    """An output folder claimed by `claim_out_dir`: what was in it before, so that a failed run
+    can put it back as it found it (`restore`)."""
+
+    def __init__(self, path: Path, created: list[Path], before: set[str]):
+        self.path, self.created, self.before = path, created, before
+
+    def restore(self) -> None:
+        """Remove what this run added: the entries that were not there before, then the folders
+        this run created (innermost first). Pre-existing entries are never touched."""
+        import shutil
+
+        if self.path.is_dir():
+            for entry in self.path.iterdir():
+                if entry.name not in self.before:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(OSError):
+                            entry.unlink()
+        for d in reversed(self.created):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only when empty: never removes anything else
+
+
+def foreign_entries(path: Path, ours) -> list[str]:
+    """Names in folder `path` that are neither in `ours` (a set of names, or a predicate on a
+    name) nor one of our hidden temporaries."""
+    is_ours = ours if callable(ours) else (lambda name: name in ours)
+    return sorted(e.name for e in path.iterdir()
+                  if not is_ours(e.name) and not (e.name.startswith(TEMP_PREFIX) and e.name.endswith(".tmp")))
+
+
+def claim_out_dir(path: str | os.PathLike, ours, *, force: bool = False, flag: str = "--out",
+                  what: str = "ExpertFlow") -> OutFolder:
+    """Check that `path` can take our output, and make it; before any work is done.
+
+    Refused (OutputError, exit 2, one line): a path that is a file; a folder that holds entries
+    that are not ours (`ours`: names or a predicate) unless `force` (then ours are written beside
+    them and nothing of theirs is deleted); a path that cannot be created or written (a
+    read-only file system, no permission). Returns an OutFolder whose `restore()` leaves the
+    folder as it was found.
+    """
+    from .errors import OutputError
+
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{flag} {str(target)!r} is a file, not a folder; pass a folder path (a new "
+                          f"one, an empty one, or one {what} wrote before)")
+    before: set[str] = set()
+    if target.is_dir():
+        before = {e.name for e in target.iterdir()}
+        foreign = foreign_entries(target, ours)
+        if foreign and not force:
+            shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+            raise OutputError(f"{flag} {str(target)!r} is a folder {what} did not write (it holds {shown}); "
+                              f"pass a new or empty folder, or add --force to write {what}'s files beside "
+                              "these (none of them is deleted)")
+    created: list[Path] = []
+    missing = []
+    p = target
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        fd, probe = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}write-probe.", suffix=".tmp", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise OutputError(f"{flag} {str(target)!r} cannot be written ({exc.strerror or exc}); pass a "
+                          "folder on a writable file system where you have write permission") from None
+    return OutFolder(target, created, before)

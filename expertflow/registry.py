@@ -330,13 +330,35 @@ def _param_counts(architecture: str, config_json: str) -> tuple[tuple[str, int],
     return (("total", total), ("routed", routed), ("non_expert", total - routed))
 
 
+#: config.json / to_dict() keys that are not dims (AutoConfig.for_model takes model_type itself).
+_NOT_DIMS = {"architectures", "transformers_version", "model_type", "_name_or_path", "dtype",
+             "torch_dtype", "auto_map"}
+
+
+def _config_dims(raw: dict[str, Any], arch: str, where: str) -> dict[str, Any]:
+    """A config dict as ModelSpec keeps it: the expert count under our key, no non-dims keys."""
+    experts_key = _KEYS[arch][0]
+    if experts_key not in raw:
+        # Newer transformers save some configs under another name for the expert count (5.24
+        # writes qwen3_moe's `num_experts` as `num_local_experts`); read it under ours.
+        alt = next((k for k in _EXPERT_COUNT_KEYS if k in raw), None)
+        if alt is not None:
+            raw = {(experts_key if k == alt else k): v for k, v in raw.items()}
+    if not raw.get(experts_key):
+        raise ModelError(
+            f"{where} has model_type {arch!r} but {experts_key}={raw.get(experts_key)!r}: it has "
+            "no routed experts to offload"
+        )
+    return {k: v for k, v in raw.items() if k not in _NOT_DIMS}
+
+
 def spec_from_hf_config(hf_config, name: str = "model") -> ModelSpec:
     """The ModelSpec of an instantiated transformers model's config (for identity checks)."""
     arch = getattr(hf_config, "model_type", None)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelError(f"{name} is a {arch!r} model, not a supported MoE; supported model_type values: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-    return ModelSpec(name, arch, hf_config.to_dict())
+    return ModelSpec(name, arch, _config_dims(hf_config.to_dict(), arch, name))
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> ModelSpec:
@@ -383,21 +405,7 @@ def _spec_from_checkpoint(path: Path) -> ModelSpec:
             f"{str(path)!r} is a {arch!r} model, not a supported MoE; supported model_type values: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    experts_key = _KEYS[arch][0]
-    if experts_key not in raw:
-        # Newer transformers save some configs under another name for the expert count (5.24
-        # writes qwen3_moe's `num_experts` as `num_local_experts`); read it under ours.
-        alt = next((k for k in _EXPERT_COUNT_KEYS if k in raw), None)
-        if alt is not None:
-            raw = {(experts_key if k == alt else k): v for k, v in raw.items()}
-    if not raw.get(experts_key):
-        raise ModelError(
-            f"{str(path)!r} has model_type {arch!r} but {experts_key}={raw.get(experts_key)!r}: it has "
-            "no routed experts to offload"
-        )
-    drop = {"architectures", "transformers_version", "model_type", "_name_or_path", "dtype",
-            "torch_dtype", "auto_map"}
-    config = {k: v for k, v in raw.items() if k not in drop}
+    config = _config_dims(raw, arch, repr(str(path)))
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
     return ModelSpec(str(path), arch, config, str(path), has_weights, None,
                      f"local checkpoint {path.name}", False)

@@ -4,13 +4,15 @@ and report tokens/s, hit rate and stall time."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from pathlib import Path
 
+from .budget import check_host_memory, format_bytes
 from .config import config_json_schema, load_config
-from .errors import ConfigError, DataError, ModelError
+from .errors import ConfigError, DataError, DeviceError, ModelError
 from .registry import ModelSpec, resolve_model
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,53 @@ def check_model_matches(config, spec: ModelSpec) -> None:
             f"config was tuned for {config.model.name!r} (fingerprint {config.model.fingerprint}) but "
             f"--model {spec.name!r} has fingerprint {spec.fingerprint} (different dims); tune a config "
             f"for it: ef-tune --model {spec.name} --budget ...")
+
+
+def _config_device(config, path) -> str:
+    """The config's device; a GPU config on a machine without one is refused in plain words."""
+    import torch
+
+    dev = config.runtime.device
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"config {str(path)!r} was tuned for {config.hardware.gpu_name or 'a CUDA GPU'} "
+                          f"(runtime.device: {dev}) but this machine has no CUDA GPU; run it on a machine "
+                          "with that GPU, or add --device cpu to run it here on the CPU (slowly)")
+    return dev
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
+@contextlib.contextmanager
+def building(what: str):
+    """Progress while a model is built or loaded: a rich spinner on a terminal, else one line
+    before and one after (stderr). transformers' own weight-loading bars are switched off
+    meanwhile, so they do not mix into ours."""
+    import time
+
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        hf_logging = None
+    was_enabled = hf_logging.is_progress_bar_enabled() if hf_logging else False
+    if hf_logging:
+        hf_logging.disable_progress_bar()
+    try:
+        if console.is_terminal:
+            with console.status(f"ef-run: {what} ..."):
+                yield
+        else:
+            print(f"ef-run: {what} ...", file=sys.stderr, flush=True)
+            yield
+    finally:
+        if hf_logging and was_enabled:
+            hf_logging.enable_progress_bar()
+    print(f"ef-run: model ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 
 def current_gpu_name() -> str | None:
@@ -77,13 +126,21 @@ def cli_run(args: argparse.Namespace) -> int:
     from .runtime.generate import greedy_generate
     from .runtime.loading import load_model, resolve_device
 
-    device = resolve_device(args.device or config.runtime.device)
+    device = resolve_device(args.device or _config_device(config, args.config))
+    if device.type == "cpu" and config.runtime.device.startswith("cuda"):
+        print(f"ef-run: note: config was tuned for {config.hardware.gpu_name or 'a CUDA GPU'} "
+              f"(runtime.device: {config.runtime.device}); running it on the CPU (--device cpu), so "
+              "speeds will not match its predictions", file=sys.stderr)
     gpu = current_gpu_name()
     if config.hardware.gpu_name and gpu and gpu != config.hardware.gpu_name:
         print(f"ef-run: warning: config was tuned for {config.hardware.gpu_name!r} but this GPU is "
               f"{gpu!r}; it runs, but re-tune for best speed", file=sys.stderr)
     input_ids, decode = tokenize(spec, args.prompt, args.prompt_ids)
-    model, handle = load_model(str(spec.checkpoint or spec.name), config, device=str(device), seed=args.seed)
+    need = check_host_memory(spec, dtype=config.runtime.dtype, device=str(device),
+                             pin_memory=config.runtime.pin_memory)
+    with building(f"building {spec.name} ({_count(need.params)} parameters, "
+                  f"{format_bytes(need.total_bytes)} in host memory) on {device}"):
+        model, handle = load_model(str(spec.checkpoint or spec.name), config, device=str(device), seed=args.seed)
     with handle:
         handle.reset_stats()
         res = greedy_generate(model, input_ids, args.max_new_tokens)

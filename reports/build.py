@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from expertflow.config import describe_hardware
 from expertflow.errors import DataError
 from expertflow.fsutil import atomic_write_text, read_versioned
 
@@ -137,11 +138,15 @@ def _summary(run: OutputFolder, cfg: dict) -> str:
     chosen_pred = (t.get("chosen") or {}).get("predicted") or {}
     budget = t.get("budget") or {}
     speed = data.format_metric("decode_tokens_per_s", chosen_pred.get("decode_tokens_per_s"))
+    gain = data.tuning_gain_data(t)
     head = (f"For <b>{esc((t.get('model') or {}).get('name'))}</b> under a "
             f"<b>{esc(budget.get('text'))}</b> GPU budget, ExpertFlow chose "
             f"{'trial ' + esc(s['chosen_trial']) if s['chosen_trial'] is not None else 'a config'}: "
             f"predicted <b>{esc(speed)}</b>"
             f" at a {esc(data.format_metric('hit_rate', chosen_pred.get('hit_rate')))} cache hit rate.")
+    if gain and gain["buys_nothing"]:  # no winner to present: say so first
+        head = (f'<span id="buys-nothing">{esc(gain["text"])}</span>'
+                + (f" {esc(gain['stall_text'])}" if gain["stall_text"] else ""))
     checks = "".join(f'<li class="{esc(c["level"])}">{esc(c["text"])}</li>' for c in data.verdict_data(t))
     cols = s["columns"]
     header = ("<tr><th>config</th>" + "".join(f'<th class="num">{esc(c["label"])}</th>' for c in cols)
@@ -251,8 +256,11 @@ def _study(run: OutputFolder) -> str:
     n_inf = hist["n_infeasible"] if hist else 0
     objectives = ", ".join(f"{o} ({d})" for o, d in zip(st.get("objectives") or [],
                                                        st.get("directions") or []))
+    by_label = (hist or {}).get("infeasible_by_label") or {}
+    inf_words = f"{n_inf} infeasible" + (": " + ", ".join(f"{n} {k.removeprefix('infeasible: ')}"
+                                                          for k, n in sorted(by_label.items())) if by_label else "")
     intro = (f"<p>Study <code>{esc(st.get('name'))}</code> in <code>{esc(st.get('storage'))}</code>: "
-             f"{len(run.trials)} completed trials ({n_inf} infeasible), objectives "
+             f"{len(run.trials)} completed trials ({esc(inf_words)}), objectives "
              f"{esc(objectives)}, "
              f"seed {esc(st.get('seed'))}.</p>")
     if run.study_note:
@@ -263,8 +271,8 @@ def _study(run: OutputFolder) -> str:
         "<b>What to look for:</b> each dot is a trial, the green line the best feasible value so far "
         f"({esc(_directions_text(hist))}). "
         "A line still improving at the end says more trials would likely pay off (ef-tune --resume "
-        "--trials N)." + (" Trials over the quality cap count in the green line but cannot be chosen."
-                          if (t.get("quality") or {}).get("cap") is not None else ""),
+        "--trials N). Crosses are infeasible trials, labelled by the constraint they broke (the "
+        "memory budget or the quality cap); they never count in the green line.",
         "No completed trials could be read from the study."))
     imp = data.importance_data(t, run.study)
     parts.append(_figure(
@@ -277,7 +285,8 @@ def _study(run: OutputFolder) -> str:
         "pareto", "Pareto front", par,
         "<b>What to look for:</b> the trade-off between speed and quality loss. Orange: trials no other "
         "feasible trial beats on both objectives; red star: the chosen config; dashed line: the "
-        "quality cap. Grey crosses went over the memory budget.",
+        "quality cap. Crosses are infeasible trials, labelled in the legend by the constraint they "
+        "broke.",
         "Single-objective study: there is no trade-off front to show (the history above has the "
         "whole search)."))
     pc = data.parallel_coordinates_data(t, run.trials)
@@ -387,7 +396,7 @@ def render_report(run: OutputFolder) -> str:
               f"report generated {esc(generated)} from <code>{esc(run.path.resolve())}</code>")
     return string.Template(_asset("report.html.tmpl")).substitute(
         title=esc(f"ExpertFlow tuning report: {model} under {budget}"),
-        subtitle=esc(f"{(t.get('hardware') or {}).get('gpu_name') or 'no GPU'} · "
+        subtitle=esc(f"{describe_hardware(t.get('hardware') or {})} · "
                      f"routing {(t.get('routing') or {}).get('kind', 'unknown')} · "
                      f"{(t.get('validation_note') or 'not validated')}"),
         tool_version=esc(t.get("tool_version", "")), css=_asset("report.css"),
@@ -408,8 +417,32 @@ def build_report(out_dir: str | os.PathLike, report_path: str | os.PathLike | No
     return target
 
 
+REPORT_MARK = "ExpertFlow tuning report"
+
+
+def check_report_target(path: str | os.PathLike, *, force: bool = False) -> None:
+    """OutputError unless `path` is new or an ExpertFlow report (what ef-report may replace):
+    a folder, or a file of other content, is refused (the latter unless `force`)."""
+    from expertflow.errors import OutputError
+
+    target = Path(path)
+    if target.is_dir():
+        raise OutputError(f"--out {str(target)!r} is a folder; pass the report's file path, e.g. "
+                          f"{str(target / 'report.html')!r}")
+    if target.is_file() and not force:
+        try:
+            head = target.read_text(encoding="utf-8", errors="replace")[:4000]
+        except OSError:
+            head = ""
+        if REPORT_MARK not in head:
+            raise OutputError(f"--out {str(target)!r} is a file ef-report did not write; pass a new path, "
+                              "or --force to replace it")
+
+
 def cli_report(args: argparse.Namespace) -> int:
-    """`ef-report DIR [--out PATH]`."""
+    """`ef-report DIR [--out PATH]`: an existing --out is replaced only when it is a report."""
+    if args.out is not None:
+        check_report_target(args.out, force=getattr(args, "force", False))
     path = build_report(args.dir, args.out)
     print(path)
     return 0

@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from expertflow._cli import new_parser, run_handler
+from expertflow._cli import examples_epilog, new_parser, run_handler
 
 
 def build_report_parser() -> argparse.ArgumentParser:
     p = new_parser("ef-report", "Write one self-contained, offline report.html for an ef-tune "
-                                "output folder (profile, study, config, validation).")
+                                "output folder (profile, study, config, validation).",
+                   extra_epilog=[examples_epilog(["ef-report ef-out/qwen2-moe-24GB",
+                                                  "ef-report ef-out/qwen2-moe-24GB --out /tmp/qwen2-report.html"])])
     p.add_argument("dir", help="the ef-tune output folder")
-    p.add_argument("--out", default=None, help="report path (default: DIR/report.html)")
+    p.add_argument("--out", default=None, help="report path (default: DIR/report.html); an existing "
+                                               "file that is not a report is refused unless --force")
+    p.add_argument("--force", action="store_true", help="replace an --out file that is not a report")
     return p
 
 

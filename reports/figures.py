@@ -6,11 +6,21 @@ Every figure draws SVG traces (no WebGL), so it renders in any browser, offline,
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 FONT = "system-ui, -apple-system, Segoe UI, Roboto, Helvetica, Arial, sans-serif"
 BLUE, ORANGE, RED, GREY, GREEN = "#1f6feb", "#e8590c", "#c92a2a", "#adb5bd", "#2b8a3e"
+INFEASIBLE_COLORS = ["#868e96", "#f08c00", "#9c36b5"]
 PALETTE = ["#1f6feb", "#e8590c", "#2b8a3e", "#862e9c", "#c92a2a", "#0b7285", "#5c940d", "#a61e4d"]
+
+
+def log_range(values, pad: float = 0.15) -> list[float] | None:
+    """A log axis' range (log10 units) that fits `values` with a small margin."""
+    v = [float(x) for x in values if x and x > 0]
+    if not v:
+        return None
+    return [math.log10(min(v)) - pad, math.log10(max(v)) + pad]
 
 
 def _layout(fig, *, height: int = 360, **kw: Any):
@@ -81,13 +91,19 @@ def transfer(d: dict):
                                  hovertemplate="%{x:.3g} MiB: %{y:.1f} GB/s<extra>" + s["name"]
                                                + "</extra>"), row=1, col=2)
     e = d.get("expert")
+    xs = [x for s in d["series"] for x in s["mib"] if x > 0] + ([e["mib"]] if e else [])
     if e:
+        # A shape on a log axis takes data units, an annotation log10 units: drawing the label
+        # with add_vline's annotation_text put it at 10^(MiB) and stretched the axis to 10^29.
         label = f"one expert: {e['mib']:.3g} MiB" + (f", {e['copy_ms']:.3g} ms" if e.get("copy_ms") else "")
-        fig.add_vline(x=e["mib"], line={"color": ORANGE, "dash": "dash"}, row=1, col=1,
-                      annotation_text=label, annotation_position="top right")
-        fig.add_vline(x=e["mib"], line={"color": ORANGE, "dash": "dash"}, row=1, col=2)
+        for col in (1, 2):
+            fig.add_vline(x=e["mib"], line={"color": ORANGE, "dash": "dash"}, row=1, col=col)
+        fig.add_annotation(x=math.log10(e["mib"]), y=1, xref="x", yref="y domain", text=label,
+                           showarrow=False, xanchor="left", yanchor="top", xshift=4,
+                           font={"color": ORANGE}, bgcolor="rgba(255,255,255,0.85)")
     _layout(fig, height=380)
-    fig.update_xaxes(type="log", dtick=1, title_text="copy size (MiB)")
+    x_range = log_range(xs)
+    fig.update_xaxes(type="log", dtick=1, title_text="copy size (MiB)", range=x_range)
     fig.update_yaxes(type="log", dtick=1, title_text="host→GPU copy time (ms)", row=1, col=1)
     fig.update_yaxes(title_text="bandwidth (GB/s, 10⁹ bytes/s)", rangemode="tozero", row=1, col=2)
     return fig
@@ -117,16 +133,19 @@ def predictor(d: dict):
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    for col, color in (("recall", BLUE), ("precision", ORANGE)):
+    same = d["recall"] == d["precision"]  # k predicted for k chosen: one line, named for both
+    series = [("recall = precision", "recall", BLUE)] if same else [("recall", "recall", BLUE),
+                                                                     ("precision", "precision", ORANGE)]
+    for label, col, color in series:
         s = d[col]
         fig.add_trace(go.Scatter(
             x=d["lookahead"], y=s["mean"], mode="lines+markers",
-            name=f"{col} (mean over layers; bars min-max)",
+            name=f"{label} (mean over layers; bars min-max)", showlegend=True,
             line={"color": color, "width": 2}, marker={"size": 8},
             error_y={"type": "data", "symmetric": False, "color": color, "thickness": 1,
                      "array": [hi - m for hi, m in zip(s["max"], s["mean"])],
                      "arrayminus": [m - lo for lo, m in zip(s["min"], s["mean"])]},
-            hovertemplate="%{x} layers ahead: %{y:.1f} %<extra>" + col + "</extra>"))
+            hovertemplate="%{x} layers ahead: %{y:.1f} %<extra>" + label + "</extra>"))
     _layout(fig)
     fig.update_xaxes(title_text="lookahead (layers ahead)", dtick=1)
     fig.update_yaxes(title_text="predicted right (%)", range=[0, 105])
@@ -147,12 +166,15 @@ def history(d: dict):
                                  mode="markers", name="feasible trial", legendgroup="f", showlegend=r == 1,
                                  marker={"color": BLUE, "size": 7},
                                  hovertemplate="trial %{x}: %{y:.4g}<extra></extra>"), row=r, col=1)
-        if infeas:
-            fig.add_trace(go.Scatter(x=[o["trial"][i] for i in infeas],
-                                     y=[o["value"][i] * sc for i in infeas], mode="markers",
-                                     name="infeasible (over budget)", legendgroup="i", showlegend=r == 1,
-                                     marker={"color": GREY, "symbol": "x", "size": 7},
-                                     hovertemplate="trial %{x}: %{y:.4g} (infeasible)<extra></extra>"),
+        labels = o.get("infeasible_label") or ["infeasible"] * len(o["trial"])
+        for k, label in enumerate(sorted({labels[i] or "infeasible" for i in infeas})):
+            idx = [i for i in infeas if (labels[i] or "infeasible") == label]
+            fig.add_trace(go.Scatter(x=[o["trial"][i] for i in idx],
+                                     y=[o["value"][i] * sc for i in idx], mode="markers",
+                                     name=label, legendgroup=label, showlegend=r == 1,
+                                     marker={"color": INFEASIBLE_COLORS[k % len(INFEASIBLE_COLORS)],
+                                             "symbol": "x", "size": 7},
+                                     hovertemplate="trial %{x}: %{y:.4g} (" + label + ")<extra></extra>"),
                           row=r, col=1)
         best = [b * sc if b is not None else None for b in o["best_so_far"]]
         fig.add_trace(go.Scatter(x=o["trial"], y=best,
@@ -209,9 +231,10 @@ def pareto(d: dict):
     fig = go.Figure()
     fig.add_trace(pts(d["feasible"], mode="markers", name="feasible trial",
                       marker={"color": BLUE, "size": 7, "opacity": 0.55}))
-    if d["infeasible"]["x"]:
-        fig.add_trace(pts(d["infeasible"], mode="markers", name="infeasible (over budget)",
-                          marker={"color": GREY, "symbol": "x", "size": 7}))
+    groups = d.get("infeasible_groups") or ([{"label": "infeasible", **d["infeasible"]}] if d["infeasible"]["x"] else [])
+    for k, g in enumerate(groups):
+        fig.add_trace(pts(g, mode="markers", name=g["label"],
+                          marker={"color": INFEASIBLE_COLORS[k % len(INFEASIBLE_COLORS)], "symbol": "x", "size": 7}))
     fig.add_trace(pts(d["front"], mode="lines+markers", name="Pareto front",
                       line={"color": ORANGE, "shape": "hv"}, marker={"color": ORANGE, "size": 9}))
     if d.get("chosen"):
@@ -225,6 +248,21 @@ def pareto(d: dict):
     fig.update_xaxes(title_text=f"{d['x_label']}, {d['directions'][0]}")
     fig.update_yaxes(title_text=f"{d['y_label']}, {d['directions'][1]}")
     return fig
+
+
+def axis_label(name: str, width: int = 12) -> str:
+    """A parameter name broken into short lines (at dots and underscores) so that neighbouring
+    axis labels do not run into each other."""
+    parts = name.replace(".", ".\x00").replace("_", "_\x00").replace(" ", " \x00").split("\x00")
+    lines, cur = [], ""
+    for p in parts:
+        if cur and len((cur + p).rstrip()) > width:
+            lines.append(cur.rstrip())
+            cur = p
+        else:
+            cur += p
+    lines.append(cur.rstrip())
+    return "<br>".join(lines)
 
 
 def parallel_coordinates(d: dict):
@@ -258,9 +296,14 @@ def parallel_coordinates(d: dict):
             fig.add_annotation(x=x, y=t["at"], text=t["text"], showarrow=False, xanchor="right",
                                xshift=-4, font={"size": 10, "color": "#212529"},
                                bgcolor="rgba(255,255,255,0.85)")
-    _layout(fig, height=420, margin={"l": 40, "r": 20, "t": 40, "b": 90})
-    fig.update_xaxes(tickvals=xs, ticktext=[a["name"].replace(".", ".<br>", 1) for a in axes],
-                     showgrid=False, zeroline=False, range=[-0.4, len(axes) - 0.6])
+    # Axis names below the axes, in two staggered rows (odd axes lower), each wrapped to short
+    # lines: with 15 axes side by side a name has about two axis gaps of room in its row.
+    for x, a in zip(xs, axes):
+        fig.add_annotation(x=x, y=0, xref="x", yref="paper", yanchor="top", yshift=-12 if x % 2 == 0 else -62,
+                           text=axis_label(a["name"]), showarrow=False, name="axis-label",
+                           font={"size": 10, "color": "#212529"}, align="center")
+    _layout(fig, height=500, margin={"l": 40, "r": 20, "t": 40, "b": 120})
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, range=[-0.5, len(axes) - 0.5])
     fig.update_yaxes(visible=False, range=[-0.05, 1.05])
     return fig
 

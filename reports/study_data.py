@@ -42,12 +42,30 @@ def load_study(tuning: dict, out_dir: str | os.PathLike | None = None):
                       f"{' '.join(str(exc).split())[:160]}); study figures use tuning.json only.")
 
 
+#: Constraint name (tuner/study.py) -> the words a reader sees for a trial that broke it.
+CONSTRAINT_WORDS = {"memory_over_budget": "over the memory budget", "quality_over_cap": "over the quality cap"}
+
+
+def broken_constraints(trial) -> list[str]:
+    """The names of the constraints a trial broke (value > 0), in CONSTRAINT_WORDS order."""
+    cons = dict(getattr(trial, "constraints", None) or {})
+    broke = [k for k, v in cons.items() if float(v) > 0]
+    return sorted(broke, key=lambda k: (list(CONSTRAINT_WORDS).index(k) if k in CONSTRAINT_WORDS else 99, k))
+
+
+def infeasible_label(broke: list[str]) -> str:
+    """'infeasible: over the quality cap' (or both, or 'infeasible' when the trial says no more)."""
+    if not broke:
+        return "infeasible"
+    return "infeasible: " + " and ".join(CONSTRAINT_WORDS.get(k, k.replace("_", " ")) for k in broke)
+
+
 def study_trials(study) -> list[dict]:
-    """Completed trials as dicts: number, values, params, feasible."""
+    """Completed trials as dicts: number, values, params, feasible, broke (constraint names)."""
     if study is None:
         return []
     return [{"number": t.number, "values": [float(v) for v in t.values], "params": dict(t.params),
-             "feasible": trial_feasible(t)} for t in complete_trials(study)]
+             "feasible": trial_feasible(t), "broke": broken_constraints(t)} for t in complete_trials(study)]
 
 
 def objective_names(tuning: dict, n: int) -> list[str]:
@@ -80,10 +98,17 @@ def history_data(tuning: dict, trials: list[dict], study=None) -> dict | None:
                            "scale": METRICS[names[i]].scale if names[i] in METRICS else 1.0,
                            "trial": [t["number"] for t in trials],
                            "value": [t["values"][i] for t in trials],
-                           "feasible": [t["feasible"] for t in trials], "best_so_far": best_so_far})
+                           "feasible": [t["feasible"] for t in trials], "best_so_far": best_so_far,
+                           "infeasible_label": [None if t["feasible"] else infeasible_label(t.get("broke") or [])
+                                                for t in trials]})
     chosen = (tuning.get("chosen") or {}).get("trial")
+    by_label: dict[str, int] = {}
+    for t in trials:
+        if not t["feasible"]:
+            label = infeasible_label(t.get("broke") or [])
+            by_label[label] = by_label.get(label, 0) + 1
     return {"objectives": objectives, "chosen_trial": chosen, "n_trials": len(trials),
-            "n_infeasible": sum(not t["feasible"] for t in trials)}
+            "n_infeasible": sum(not t["feasible"] for t in trials), "infeasible_by_label": by_label}
 
 
 def importance_data(tuning: dict, study) -> dict | None:
@@ -180,12 +205,18 @@ def pareto_data(tuning: dict, trials: list[dict], study=None) -> dict | None:
                 "y": [t["values"][1] for t in ts],
                 "text": [", ".join(f"{k}={v}" for k, v in t["params"].items()) for t in ts]}
 
+    infeasible = [t for t in trials if not t["feasible"]]
+    groups: dict[str, list[dict]] = {}
+    for t in infeasible:
+        groups.setdefault(infeasible_label(t.get("broke") or []), []).append(t)
+
     return {"x_name": names[0], "y_name": names[1], "x_label": metric_label(names[0]),
             "y_label": metric_label(names[1]), "directions": dirs[:2],
             "x_scale": METRICS[names[0]].scale if names[0] in METRICS else 1.0,
             "y_scale": METRICS[names[1]].scale if names[1] in METRICS else 1.0,
             "feasible": pts([t for t in trials if t["feasible"]]),
-            "infeasible": pts([t for t in trials if not t["feasible"]]),
+            "infeasible": pts(infeasible),
+            "infeasible_groups": [{"label": k, **pts(v)} for k, v in sorted(groups.items())],
             "front": pts(front),
             "chosen": pts([chosen]) if chosen else None,
             "cap": _num((tuning.get("quality") or {}).get("cap"))

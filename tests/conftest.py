@@ -12,8 +12,12 @@ Module-level helpers:
 * `tiny_config(name, budget=..., values=..., **overrides)`  a CPU float32 RuntimeConfig for a
                      tiny-* alias (`expertflow.config.default_config` + `with_values`).
 
+* `folder_state(path)` every file and folder under `path` (relative name -> size and content
+                     hash; None when `path` does not exist), for before/after checks.
+
 Fixtures: `repo_root`, `pydocs` (skips when absent), `tiny_config` (the helper itself,
-session-scoped so module-scoped fixtures can use it).
+session-scoped so module-scoped fixtures can use it), `left_as_found` (snapshot an output
+folder before a command and check after it that nothing was added, changed or deleted).
 """
 
 from __future__ import annotations
@@ -67,6 +71,51 @@ def tiny_config(name: str = "tiny-qwen2-moe", *, budget: str = "1GiB",
     merged = dict(values or {})
     merged.update({key.replace("__", "."): value for key, value in overrides.items()})
     return config.with_values(merged) if merged else config
+
+
+def folder_state(path: Path) -> dict[str, tuple] | None:
+    """{relative path: ('dir',) or (size, sha256)} of everything under `path` (hidden entries
+    included, so a `.NAME.old-PID` or temporary left behind shows); None when it is absent."""
+    import hashlib
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    if path.is_file():
+        return {".": (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())}
+    state: dict[str, tuple] = {}
+    for p in sorted(path.rglob("*")):
+        rel = str(p.relative_to(path))
+        state[rel] = ("dir",) if p.is_dir() else (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+    return state
+
+
+class LeftAsFound:
+    """`watch(path)` before a failing command, `check()` after: the folders are as they were
+    (nothing written, nothing deleted), and the parent holds no leftover of ours either."""
+
+    def __init__(self):
+        self._watched: list[tuple[Path, Any, Any]] = []
+
+    def watch(self, *paths: Path) -> LeftAsFound:
+        for p in paths:
+            p = Path(p)
+            self._watched.append((p, folder_state(p), sorted(x.name for x in p.parent.iterdir())
+                                  if p.parent.is_dir() else None))
+        return self
+
+    def check(self) -> None:
+        for p, before, siblings in self._watched:
+            after = folder_state(p)
+            assert after == before, f"{p} changed: before {before}, after {after}"
+            now = sorted(x.name for x in p.parent.iterdir()) if p.parent.is_dir() else None
+            assert now == siblings, f"{p.parent} changed: before {siblings}, after {now}"
+
+
+@pytest.fixture
+def left_as_found() -> LeftAsFound:
+    """Snapshot output folders (`left_as_found.watch(path)`) and `check()` them after a command."""
+    return LeftAsFound()
 
 
 @pytest.fixture(scope="session")

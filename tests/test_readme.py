@@ -44,10 +44,15 @@ def test_cli_table_lists_every_flag(prog):
     row = next((ln for ln in README.splitlines() if ln.startswith(f"| `{prog}` |")), None)
     assert row is not None, f"no CLI table row for {prog}"
     for action in _parsers()[prog]._actions:
-        if action.dest in ("help", "debug"):
+        if action.dest in ("help", "debug", "version"):  # every command's: said once above the table
             continue
         names = action.option_strings or [action.dest.upper()]
         assert any(f"`{n}" in row for n in names), f"{prog}: {names} missing from the README"
+
+
+def test_common_flags_are_documented_once():
+    section = README.split("## Command line")[1].split("## ")[0]
+    assert "`--version`" in section and "`--debug`" in section
 
 
 def test_exit_code_table_matches_errors_module():

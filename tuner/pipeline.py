@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from expertflow.errors import ConfigError, DataError, ModelError
+from expertflow.errors import ConfigError, DataError, ModelError, UsageError
 
 from . import export, quality
 from .coordination import DEFAULT_HEARTBEAT_S, DEFAULT_TRIALS
@@ -113,16 +113,17 @@ def _gpu_here(device: str) -> bool:
 
 # ---- profile ----------------------------------------------------------------------------------
 def get_profile(spec, out_dir: Path, *, profile_dir=None, resume: bool, hardware: str | None,
-                device: str, prompts=None, seed: int = 0, notes: list[str]):
-    """(Profile, its directory). Reuse `profile_dir`, or the output folder's profile on
-    resume, else run the profiler into out_dir/profile."""
+                device: str, prompts=None, seed: int = 0, notes: list[str], force: bool = False):
+    """(Profile, its directory). Reuse `profile_dir` (a directory or a loaded Profile), or the
+    output folder's profile on resume, else run the profiler into out_dir/profile."""
     from .profile import Profile
 
     target = out_dir / "profile"
     own = target if resume and (target / "profile.yaml").is_file() else None
-    src = Path(profile_dir) if profile_dir else own
+    loaded = profile_dir if isinstance(profile_dir, Profile) else None
+    src = Path(loaded.path if loaded is not None else profile_dir) if profile_dir is not None else own
     if src is not None:
-        prof = Profile.load(src)
+        prof = loaded if loaded is not None else Profile.load(src)
         notes.append(f"profile reused from {src}")
     else:
         try:
@@ -137,14 +138,14 @@ def get_profile(spec, out_dir: Path, *, profile_dir=None, resume: bool, hardware
                          "(pass --hardware NAME for another GPU)")
         try:
             prof = run_profile(spec, target, device="cuda" if gpu and hw is None else "cpu",
-                               hardware=hw, prompts=prompts, seed=seed)
+                               hardware=hw, prompts=prompts, seed=seed, force=force)
         except DataError as exc:
             if hardware or hw is None or "bundled" not in str(exc):
                 raise
             notes[-1] = (f"no GPU here and no bundled '{hw}' timing for {spec.name}: timing measured "
                          "on this CPU, so predicted speeds are this CPU's, not a GPU's")
             log.info("%s", exc)
-            prof = run_profile(spec, target, device="cpu", prompts=prompts, seed=seed, quick=True)
+            prof = run_profile(spec, target, device="cpu", prompts=prompts, seed=seed, quick=True, force=force)
         src = target
     if prof.fingerprint != spec.fingerprint:
         raise ModelError(f"profile {str(src)!r} was made for {prof.meta['model'].get('name')!r} "
@@ -235,24 +236,23 @@ def tune(model: str, budget: str, *, trials: int | None = None, timeout: float |
          progress: bool = True, quality_prompts: int = QUALITY_PROMPTS,
          study_decode_tokens: int | None = STUDY_DECODE_TOKENS,
          final_decode_tokens: int | None = FINAL_DECODE_TOKENS,
-         heartbeat: int | None = DEFAULT_HEARTBEAT_S, export_only: bool = False) -> TuneResult:
+         heartbeat: int | None = DEFAULT_HEARTBEAT_S, export_only: bool = False,
+         force: bool = False) -> TuneResult:
     """Run the whole ef-tune pipeline; returns where the config and report are.
 
     Every input is checked before anything is written (a bad one raises its ExpertFlowError and
     leaves no output). With an explicit `storage` and `study` the study is shared: this call
     joins it when it exists, runs trials until the study's total reaches `trials`, and exports
     only if no other worker exported these results yet (`TuneResult.exported`). `export_only`
-    runs no trial and exports the shared study's results into `out` (always).
+    runs no trial and exports the shared study's results into `out` (always). An `out` folder
+    that holds files ef-tune did not write is refused (OutputError) unless `force`; a run that
+    fails with an ExpertFlowError leaves `out` as it found it.
     """
     from expertflow.budget import parse_size, plan_memory
-    from expertflow.config import Hardware, default_config
     from expertflow.registry import resolve_model
 
     from .search_space import load_space, packaged_space
-    from .simulator import Costs
 
-    timings: dict[str, float] = {}
-    notes: list[str] = []
     trials = DEFAULT_TRIALS if trials is None else trials
     if trials < 1:
         raise ConfigError(f"--trials {trials} must be >= 1")
@@ -266,22 +266,102 @@ def tune(model: str, budget: str, *, trials: int | None = None, timeout: float |
     raw_space = load_space(search_space) if search_space else packaged_space(Path(spec.name).name)
     if prompts is not None:
         _check_prompts(prompts)
+    if timeout is not None and not timeout > 0:
+        raise UsageError(f"--timeout {timeout} must be a positive number of seconds (or leave it out "
+                         "to run every trial)")
+    if max_quality_loss is not None and not max_quality_loss >= 0:
+        raise UsageError(f"--max-quality-loss {max_quality_loss} must be >= 0 (0 = exact top-k only)")
+    given_profile = _load_given_profile(profile, spec) if profile else None
+    if hardware is not None and given_profile is None:
+        _check_hardware(hardware, spec)
     out_dir = Path(out) if out is not None else default_out_dir(spec, parsed.text)
     storage_url = storage or sqlite_url(out_dir / "study.sqlite3")
     study_name = study or f"{Path(spec.name).name}-{parsed.text}"
     join = storage is not None and study is not None
-    _check_fresh_study(storage_url, study_name, resume or join or export_only, explicit=storage is not None)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_fresh_study(storage_url, study_name, resume or join or export_only, explicit=storage is not None,
+                       must_exist=export_only)
+    from expertflow.errors import ExpertFlowError
+    from expertflow.fsutil import claim_out_dir
 
+    folder = claim_out_dir(out_dir, is_output_file, force=force, what="ef-tune")
+    try:
+        return _tune_in(folder, spec, parsed, plan, dtype, raw_space, given_profile, trials=trials,
+                        timeout=timeout, hardware=hardware, prompts=prompts, max_quality_loss=max_quality_loss,
+                        storage_url=storage_url, study_name=study_name, join=join, resume=resume, seed=seed,
+                        device=device, validate=validate, report=report, jobs=jobs, progress=progress,
+                        quality_prompts=quality_prompts, study_decode_tokens=study_decode_tokens,
+                        final_decode_tokens=final_decode_tokens, heartbeat=heartbeat,
+                        export_only=export_only, force=force)
+    except ExpertFlowError:
+        folder.restore()  # a user error after the checks: leave the folder as it was found
+        raise
+
+
+#: What an ef-tune output folder holds (anything else in --out is the user's).
+OUTPUT_FILES = frozenset({"config.yaml", "profile", "tuning.json", "report.html", "study.sqlite3",
+                          "study.sqlite3.lock", "study.sqlite3-wal", "study.sqlite3-shm",
+                          "study.sqlite3-journal"})
+
+
+def is_output_file(name: str) -> bool:
+    return name in OUTPUT_FILES
+
+
+def _load_given_profile(profile, spec):
+    """--profile DIR, loaded and checked against the model before anything is written."""
+    from .profile import Profile
+
+    prof = Profile.load(profile)
+    if prof.fingerprint != spec.fingerprint:
+        raise ModelError(f"profile {str(profile)!r} was made for {prof.meta['model'].get('name')!r} "
+                         f"(fingerprint {prof.fingerprint}) not {spec.name!r} ({spec.fingerprint}); "
+                         "profile this model or pass its own --profile")
+    return prof
+
+
+def _check_hardware(hardware: str, spec) -> None:
+    """--hardware NAME must be a bundled profile with tables for this model (before profiling)."""
+    try:
+        from .profiler.bundled import bundled_hardware_names, load_bundled
+    except ImportError:  # the profiler package is optional in a source checkout
+        return
+    names = bundled_hardware_names()
+    if hardware not in names:
+        raise UsageError(f"--hardware {hardware!r} is not a bundled hardware profile; bundled: "
+                         f"{', '.join(names) or 'none'} (ef-tune --help lists them); or leave --hardware "
+                         "out to measure this machine's GPU")
+    load_bundled(hardware, spec)  # DataError when the bundle has no tables for this model
+
+
+def _tune_in(folder, spec, parsed, plan, dtype, raw_space, given_profile, *, trials, timeout, hardware,
+             prompts, max_quality_loss, storage_url, study_name, join, resume, seed, device, validate,
+             report, jobs, progress, quality_prompts, study_decode_tokens, final_decode_tokens, heartbeat,
+             export_only, force) -> TuneResult:
+    from expertflow.budget import format_bytes
+    from expertflow.config import Hardware, default_config
+
+    from .simulator import Costs
+
+    out_dir = folder.path
+    timings: dict[str, float] = {}
+    notes: list[str] = []
     t0 = time.perf_counter()
-    prof, prof_dir = get_profile(spec, out_dir, profile_dir=profile, resume=resume, hardware=hardware,
-                                 device=device, prompts=prompts, seed=seed, notes=notes)
+    prof, prof_dir = get_profile(spec, out_dir, profile_dir=given_profile, resume=resume, hardware=hardware,
+                                 device=device, prompts=prompts, seed=seed, notes=notes, force=force)
     timings["profile"] = time.perf_counter() - t0
     costs = Costs.from_profile(prof, plan.bytes_per_expert, spec.num_layers)
     hw_meta = dict(prof.meta.get("hardware") or {})
     hw = Hardware(**{k: hw_meta.get(k) for k in ("gpu_name", "gpu_memory_bytes", "pcie_generation", "pcie_width")})
-    base = default_config(spec, plan, hardware=hw, priors=prof.priors(), profile_id=prof.profile_id,
-                          routing=prof.routing_kind, device="cuda", dtype=dtype)
+    gpu_bytes = hw_meta.get("gpu_memory_bytes")
+    if gpu_bytes and plan.budget_bytes > int(gpu_bytes):
+        msg = (f"--budget {parsed.text} ({format_bytes(plan.budget_bytes)}) is more than the "
+               f"{hw_meta.get('gpu_name') or 'GPU'}'s {format_bytes(int(gpu_bytes))} of memory: the config "
+               "assumes memory the GPU does not have; lower --budget to fit it")
+        log.warning("%s", msg)
+        notes.append(f"WARNING: {msg}")
+    # The config is for the GPU it was tuned for (this one, or the bundled profile's): cuda.
+    base = default_config(spec, plan, hardware=hw, priors=rounded_priors(prof.priors()),
+                          profile_id=prof.profile_id, routing=prof.routing_kind, device="cuda", dtype=dtype)
     gbps = (prof.meta.get("summary") or {}).get("pinned_gbps")
     if gbps is None:
         gbps = plan.bytes_per_expert / (costs.copy_ms * 1e6) if costs.copy_ms > 0 else None
@@ -300,8 +380,6 @@ def tune(model: str, budget: str, *, trials: int | None = None, timeout: float |
 
     t0 = time.perf_counter()
     cap = DEFAULT_QUALITY_CAP if max_quality_loss is None else float(max_quality_loss)
-    if cap < 0:
-        raise ConfigError(f"--max-quality-loss {cap} must be >= 0 (0 = exact top-k only)")
     q = quality_side(spec, prof, space, cap=cap, prompts=prompts, device=device, notes=notes,
                      n_prompts=quality_prompts, progress=progress)
     timings["quality"] = time.perf_counter() - t0
@@ -421,8 +499,13 @@ def _export(out_dir, spec, parsed, plan, prof, prof_dir, hw_meta, base, ctx, cos
         "validation_note": vnote,
         "notes": notes,
         "timings_s": timings,
-        "run_command": f"ef-run --config {config_path}",
+        "run_command": run_command(config_path, gpu_here=_gpu_here(device)),
     }
+    if not _gpu_here(device):
+        notes.append(f"config.yaml is for {hw_meta.get('gpu_name') or 'a CUDA GPU'} (runtime.device: cuda); "
+                     "this machine has no GPU, so the run command adds --device cpu to run it here "
+                     "(slowly); on the GPU drop --device")
+    _record_in_study(run.study, chosen, config_path)
     tuning_path = out_dir / "tuning.json"
     atomic_write_text(tuning_path, json.dumps(tuning, indent=1, default=_json_default))
 
@@ -436,6 +519,30 @@ def _export(out_dir, spec, parsed, plan, prof, prof_dir, hw_meta, base, ctx, cos
     return TuneResult(out_dir.resolve(), config_path, report_path, tuning, config, notes)
 
 
+def run_command(config_path, *, gpu_here: bool) -> str:
+    """The `ef-run` line to print: it runs on this machine (on its CPU when it has no GPU)."""
+    return f"ef-run --config {config_path}" + ("" if gpu_here else " --device cpu")
+
+
+#: Study user attributes ef-tune records for Optuna's own tools (optuna-dashboard, load_study).
+CHOSEN_TRIAL_ATTR = "ef_chosen_trial"
+CHOSEN_CONFIG_ATTR = "ef_chosen_config"
+
+
+def _record_in_study(study, chosen: dict[str, Any], config_path) -> None:
+    """The chosen trial, as a study attribute Optuna's tools show (its own best_trials is the
+    Pareto front, which does not know the quality cap or the re-simulation)."""
+    study.set_user_attr(CHOSEN_TRIAL_ATTR, int(chosen["number"]))
+    study.set_user_attr(CHOSEN_CONFIG_ATTR, str(config_path))
+
+
+def rounded_priors(priors, digits: int = 3) -> list[list[float]]:
+    """Activation priors to `digits` significant digits: what the study simulates and what
+    config.yaml holds (17-digit floats made the file 32 KB for qwen2-moe; the policies rank
+    experts by these, and 3 digits keep every ranking the profile can support)."""
+    return [[float(f"{float(v):.{digits}g}") for v in row] for row in priors]
+
+
 def default_jobs(trials: int) -> int:
     """Worker processes for the study. 1: measured on 2 cores with the default SQLite storage,
     two workers were slower than one (SQLite serialises their writes, and each waits for the
@@ -443,23 +550,35 @@ def default_jobs(trials: int) -> int:
     return 1
 
 
-def _check_fresh_study(url: str, name: str, allow_existing: bool, *, explicit: bool = True) -> None:
-    """Fail before profiling when the storage cannot be used (StorageError), or when the study
-    exists and neither --resume nor a shared --storage/--study was given."""
+def _check_fresh_study(url: str, name: str, allow_existing: bool, *, explicit: bool = True,
+                       must_exist: bool = False) -> None:
+    """Fail before profiling when the storage cannot be used (StorageError), when the study
+    exists and neither --resume nor a shared --storage/--study was given, or (`must_exist`,
+    --export-only) when there is no study with trials to export."""
+    from expertflow.errors import StorageError
+
+    nothing = (f"--export-only: there is no study {name!r} with trials in {mask_url(url)} to export; "
+               "run ef-tune without --export-only first, or pass the --storage and --study of the "
+               "study to export")
     sqlite_file = StorageURL(url).sqlite_file
     if sqlite_file is not None:
         path = Path(sqlite_file)
+        if not path.is_file() and must_exist:
+            raise StorageError(nothing)
         if not path.is_file() and (not explicit or path.parent.is_dir()):
             return  # a new SQLite file (the default one in --out is made below)
     import optuna  # optional at import time (tuner/optuna_private.py)
 
     storage = make_storage(url)
+    if must_exist:
+        if not any(s.study_name == name and s.n_trials > 0
+                   for s in optuna.get_all_study_summaries(storage, include_best_trial=False)):
+            raise StorageError(nothing)
+        return
     if allow_existing:
         return
     for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
         if s.study_name == name and s.n_trials > 0:
-            from expertflow.errors import StorageError
-
             raise StorageError(f"study {name!r} already exists in {mask_url(url)} with {s.n_trials} trials; "
                                "pass --resume to continue it, or a new --study name / --out folder")
 
@@ -538,6 +657,8 @@ def _sigterm_as_interrupt():
 
 
 def cli_tune(args: argparse.Namespace) -> int:
+    from expertflow.config import describe_hardware
+
     t0 = time.perf_counter()
     with _sigterm_as_interrupt():
         res = tune(args.model, args.budget, trials=args.trials, timeout=args.timeout, out=args.out,
@@ -548,7 +669,7 @@ def cli_tune(args: argparse.Namespace) -> int:
                    validate=not args.no_validate, report=not args.no_report,
                    jobs=getattr(args, "jobs", None), progress=True,
                    heartbeat=getattr(args, "heartbeat", DEFAULT_HEARTBEAT_S),
-                   export_only=getattr(args, "export_only", False))
+                   export_only=getattr(args, "export_only", False), force=getattr(args, "force", False))
     say = (lambda s: print(s, file=sys.stderr)) if args.json else print
     for n in res.notes:
         say(f"note: {n}")
@@ -562,8 +683,7 @@ def cli_tune(args: argparse.Namespace) -> int:
     p = res.predicted
     t = res.tuning
     say(f"tuned {t['model']['name']} for a {t['budget']['text']} budget "
-        f"({t['hardware'].get('gpu_name') or 'no GPU'}, timing: {t['hardware'].get('source')}, "
-        f"routing: {t['routing']['kind']}) in {time.perf_counter() - t0:.1f} s")
+        f"({describe_hardware(t['hardware'])}, routing: {t['routing']['kind']}) in {time.perf_counter() - t0:.1f} s")
     say(f"chosen trial {t['chosen']['trial']}: predicted {p['decode_tokens_per_s']:.2f} tokens/s decode, "
         f"hit rate {p['hit_rate']:.1%}, stall {p['stall_ms_per_token']:.2f} ms/token, "
         f"quality loss {p['quality_loss']:.4f} ({t['quality']['metric']}, cap {t['quality']['cap']})")

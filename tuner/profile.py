@@ -33,6 +33,7 @@ profile.yaml keys:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import shutil
@@ -136,11 +137,30 @@ class Profile:
         return default
 
     # ---- io --------------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the profile directory atomically (build beside it, then swap it in)."""
+    def save(self, directory: str | os.PathLike, *, force: bool = False) -> Path:
+        """Write the profile directory atomically: built beside it, then swapped in.
+
+        Never deletes what it did not write: a `directory` that is a file, or a folder holding
+        anything but a profile's own files, is refused (OutputError) unless `force`, which
+        writes each of our files into it atomically (profile.yaml last) and leaves the rest.
+        """
+        from expertflow.fsutil import atomic_path, foreign_entries
+
+        from expertflow.errors import OutputError
+
         target = Path(directory)
+        if target.exists() and not target.is_dir():
+            raise OutputError(f"profile folder {str(target)!r} is a file; pass a folder path for the profile")
+        foreign = foreign_entries(target, is_profile_file) if target.is_dir() else []
+        if foreign and not force:
+            raise OutputError(f"profile folder {str(target)!r} holds files that are not a profile's "
+                              f"({', '.join(foreign[:4])}); pass a new or empty folder, or --force to "
+                              "write the profile beside them (none of them is deleted)")
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; give the folder the usual mode
         try:
             self.trace.save(tmp / "trace.npz")
             files = {"trace": "trace.npz"}
@@ -149,9 +169,16 @@ class Profile:
                 files[name] = f"{name}.parquet"
             meta = {**self.meta, "version": PROFILE_VERSION, "files": files}
             (tmp / "profile.yaml").write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, old)
+            if foreign:  # --force into a folder of other files: ours one by one, theirs kept
+                with contextlib.suppress(FileNotFoundError):
+                    (target / "profile.yaml").unlink()  # incomplete until the new one lands
+                for f in sorted(tmp.iterdir(), key=lambda f: f.name == "profile.yaml"):
+                    with atomic_path(target / f.name) as t:
+                        shutil.copyfile(f, t)
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", suffix=".tmp", dir=target.parent))
+                os.replace(target, old / target.name)
                 os.replace(tmp, target)
                 shutil.rmtree(old, ignore_errors=True)
             else:
@@ -193,6 +220,11 @@ class Profile:
             if name not in tables:
                 raise DataError(f"profile {str(d)!r} lacks the {name!r} table; re-run ef-profile")
         return cls(meta=meta, trace=trace, tables=tables, path=d)
+
+
+def is_profile_file(name: str) -> bool:
+    """A name a profile folder holds (what Profile.save writes)."""
+    return name in ("profile.yaml", "trace.npz") or (name.endswith(".parquet") and name[:-8] in TABLES)
 
 
 def new_profile_id(model_name: str, device_label: str) -> str:

@@ -60,6 +60,7 @@ from .trials import (  # noqa: F401 - completed_trials: bench/tuner_efficiency.p
 
 log = logging.getLogger(__name__)
 
+METRIC_NAMES = ("decode_tokens_per_s", "quality_loss")  # the objectives' names in the storage
 DEFAULT_BASELINE = "default config"
 LRU_BASELINE = "plain LRU, no prefetch"
 
@@ -105,6 +106,10 @@ def open_study(storage, name: str, *, seed: int, resume: bool, attrs: dict[str, 
     study = optuna.create_study(study_name=name, storage=storage, directions=list(DIRECTIONS),
                                 sampler=make_sampler(seed), load_if_exists=True)
     is_new = len(study.get_trials(deepcopy=False)) == 0
+    if study.metric_names is None:  # Optuna's tools (optuna-dashboard) show these, not "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(METRIC_NAMES))
     old = study.user_attrs
     for k in ("fingerprint", "budget_bytes", "search_space", "quality_cap", "max_decode_tokens"):
         if k in attrs and k in old and old[k] != attrs[k]:

@@ -22,6 +22,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TINY_RUN = ["--model", "tiny-qwen2-moe", "--budget", "1GB", "--trials", "5"]
+#: The README's run: real dims (a 16.5 MiB expert), bundled H200 timing.
+README_RUN = ["--model", "qwen2-moe", "--budget", "24GB", "--trials", "8"]
 #: Figures every report of a tiny run has (validation and Pareto depend on the run).
 CORE_FIGURES = {"activation_heatmap", "frequency_distribution", "transfer", "kernel", "history",
                 "memory"}
@@ -39,15 +41,83 @@ PLOT_STATS_JS = """() => Array.from(document.querySelectorAll('.plotly-graph-div
 }))"""
 
 
-def _tiny_report(tmp_path: Path, request) -> tuple[Path, str]:
-    """A report generated from a real `ef-tune` run of a tiny model (CPU, a few seconds)."""
+# Per plot and axis: the axis type, its drawn range and the extent of the plotted points (scatter
+# traces; a log axis' range is in log10 units). An annotation or shape placed in the wrong units
+# stretches an axis far past its data (the transfer plot once ran to 10^29 MiB).
+AXIS_FIT_JS = """() => Array.from(document.querySelectorAll('.plotly-graph-div')).flatMap(gd => {
+  const L = gd._fullLayout, ext = {};
+  for (const t of gd._fullData) {
+    if (t.type !== 'scatter' || t.visible !== true) continue;
+    for (const [c, ax] of [['x', t.xaxis], ['y', t.yaxis]]) {
+      const vals = (t[c] || []).filter(v => typeof v === 'number' && isFinite(v));
+      if (!vals.length) continue;
+      const e = ext[ax] = ext[ax] || {min: Infinity, max: -Infinity};
+      e.min = Math.min(e.min, ...vals); e.max = Math.max(e.max, ...vals);
+    }
+  }
+  return Object.entries(ext).map(([ax, e]) => {
+    const a = L[ax.replace(/^x/, 'xaxis').replace(/^y/, 'yaxis')];
+    return {plot: gd.id, axis: ax, type: a.type, range: a.range, visible: a.visible, min: e.min, max: e.max};
+  });
+})"""
+
+
+def axis_misfits(axes: list[dict]) -> list[str]:
+    """Axes whose drawn range runs far outside their data: on a log axis more than one decade
+    past either end; on a linear axis wider than ten times the data's extent."""
+    import math
+
+    bad = []
+    for a in axes:
+        if not a["visible"] or a["range"] is None:
+            continue
+        lo, hi = (float(v) for v in a["range"])
+        if a["type"] == "log":
+            if a["min"] <= 0:
+                continue
+            dlo, dhi = math.log10(a["min"]), math.log10(a["max"])
+            if lo < dlo - 1 or hi > dhi + 1:
+                bad.append(f"{a['plot']} {a['axis']} (log): range 10^{lo:.1f}..10^{hi:.1f}, "
+                           f"data {a['min']:.3g}..{a['max']:.3g}")
+        elif a["type"] == "linear":
+            span = max(a["max"] - a["min"], abs(a["max"]), abs(a["min"]), 1e-12)
+            if hi - lo > 10 * span:
+                bad.append(f"{a['plot']} {a['axis']}: range {lo:.3g}..{hi:.3g}, data {a['min']:.3g}..{a['max']:.3g}")
+    return bad
+
+
+def test_axis_misfits_catches_a_range_far_outside_the_data():
+    """The check itself (no browser): the transfer plot's old x range, and a fitted one."""
+    old = {"plot": "plot-transfer", "axis": "x", "type": "log", "range": [-1, 29], "visible": True,
+           "min": 0.01, "max": 1024.0}
+    assert axis_misfits([old]) and not axis_misfits([{**old, "range": [-2.2, 3.2]}])
+
+
+def _tiny_report(tmp_path: Path, request, run: list[str] = TINY_RUN) -> tuple[Path, str]:
+    """A report generated from a real `ef-tune` run (a tiny model: CPU, a few seconds)."""
     out = tmp_path / "tiny-run"
     cmd = [sys.executable, "-c", "import sys; from tuner.cli import tune_main; "
-           "sys.exit(tune_main(sys.argv[1:]))", *TINY_RUN, "--out", str(out)]
+           "sys.exit(tune_main(sys.argv[1:]))", *run, "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"ef-tune {' '.join(TINY_RUN)} failed:\n{done.stderr[-3000:]}"
-    source = f"ef-tune {' '.join(TINY_RUN)}"
+    assert done.returncode == 0, f"ef-tune {' '.join(run)} failed:\n{done.stderr[-3000:]}"
+    source = f"ef-tune {' '.join(run)}"
     return build_report(out, tmp_path / "report.html"), source
+
+
+def test_every_axis_fits_its_data(browser, tmp_path, request):
+    """The README's run in Chromium: every drawn axis spans its data (the transfer plot's x axis
+    once ran to 10^29 MiB: the expert marker's label was placed in log units)."""
+    report, source = _tiny_report(tmp_path, request, README_RUN)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(report.as_uri(), wait_until="load")
+    page.wait_for_function(
+        "() => Array.from(document.querySelectorAll('.plotly-graph-div'))"
+        ".every(d => d.querySelector('svg.main-svg'))", timeout=30_000)
+    axes = page.evaluate(AXIS_FIT_JS)
+    page.close()
+    assert {a["plot"] for a in axes} >= {"plot-transfer", "plot-kernel", "plot-history"}, source
+    misfits = axis_misfits(axes)
+    assert not misfits, f"{source}: axes far outside their data:\n" + "\n".join(misfits)
 
 
 def _click_copy(page, target: str) -> None:
@@ -100,6 +170,11 @@ def test_report_renders_in_headless_chromium(browser, tmp_path, request):
         assert s["svg"] >= 1, f"{s['id']}: no SVG"
         assert s["marks"] + s["images"] > 0, f"{s['id']}: an SVG without data"
         assert s["webgl"] == 0, f"{s['id']}: uses WebGL (fails on machines without a GPU)"
+
+    axes = page.evaluate(AXIS_FIT_JS)
+    assert any(a["plot"] == "plot-transfer" and a["type"] == "log" for a in axes), axes
+    misfits = axis_misfits(axes)
+    assert not misfits, "axes far outside their data:\n" + "\n".join(misfits)
 
     shot = tmp_path / "report.png"
     page.evaluate("() => window.scrollTo(0, 0)")

@@ -92,7 +92,7 @@ def test_describe_config_in_plain_words(loaded):
 def test_environment_says_synthetic_routing_prominently(tuning, loaded):
     env = data.environment_data(tuning, loaded["profile"])
     rows = {r["label"]: r["value"] for r in env["rows"]}
-    assert rows["GPU"].startswith("NVIDIA H200") and rows["PCIe"] == "Gen5 x16"
+    assert rows["GPU tuned for"].startswith("NVIDIA H200") and rows["PCIe"] == "Gen5 x16"
     assert "2.11.0+cu130" in rows["torch / transformers"]
     assert env["synthetic"] is True and "SYNTHETIC" in env["notices"][0]
     assert any("bundled" in n for n in env["notices"])

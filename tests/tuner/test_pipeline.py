@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from expertflow.errors import EXIT_BUDGET, EXIT_CONFIG, EXIT_STORAGE
+from expertflow.errors import EXIT_BUDGET, EXIT_CONFIG, EXIT_STORAGE, EXIT_USAGE
 
 MODEL = "tiny-qwen2-moe"
 
@@ -134,7 +134,7 @@ def test_resume_continues_without_reenqueueing_and_a_rerun_without_it_is_refused
 
 @pytest.mark.parametrize("extra, code, words", [
     (["--budget", "1MB"], EXIT_BUDGET, "budget too small"),
-    (["--max-quality-loss", "-1"], EXIT_CONFIG, "--max-quality-loss"),
+    (["--max-quality-loss", "-1"], EXIT_USAGE, "--max-quality-loss"),
 ])
 def test_user_errors_are_one_line_with_their_exit_code(tiny, tmp_path, capsys, extra, code, words):
     from tuner.cli import tune_main

@@ -26,11 +26,26 @@ __all__ = ["cli_profile", "profile_summary", "run_profile"]
 ROUTING_KINDS = ("auto", "real", "synthetic")
 
 
+#: What the synthetic presets' "(anchors.md)" citations rest on: a file users do not have.
+_MEASUREMENTS = ("published routing measurements: Mixtral first-expert repeats and next-layer gate "
+                 "accuracy (mixtral-offloading, arXiv 2312.17238; AdapMoE, ICCAD'24), Qwen3-30B-A3B "
+                 "traffic share and LRU hit rates, Qwen2-57B-A14B next-layer gate reuse")
+
+
+def cite_measurements(text: str) -> str:
+    """`text` with the internal "(anchors.md)" citation replaced by the measurements it rests on."""
+    text = str(text)
+    if "anchors.md" not in text:
+        return text
+    text = text.replace("(anchors.md)", "").replace("anchors.md", "").replace(" ;", ";")
+    return " ".join(text.split()).rstrip(" .;") + f" (sources: {_MEASUREMENTS})"
+
+
 def _routing_note(kind: str, spec, n_prompts: int, n_tokens: int, params=None, targets=None) -> str:
     if kind == "synthetic":
         return (f"SYNTHETIC routing: {spec.name} has no trained weights here, so the routing trace "
                 f"({n_tokens} tokens, sized to {n_prompts} prompts) comes from ExpertFlow's synthetic "
-                f"generator (preset {params.preset}, calibrated to {targets.source}). Hit rates, "
+                f"generator (preset {params.preset}, calibrated to {cite_measurements(targets.source)}). Hit rates, "
                 "prefetch accuracy and quality estimates rest on this generator, not on the model's "
                 "own router.")
     if spec.has_weights:
@@ -44,12 +59,13 @@ def _routing_note(kind: str, spec, n_prompts: int, n_tokens: int, params=None, t
 def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | None = None,
                 device: str = "auto", routing: str = "auto", max_tokens: int | None = None,
                 quick: bool = False, seed: int = 0, hardware: str | None = None,
-                dtype: str | None = None, progress: bool = True):
+                dtype: str | None = None, progress: bool = True, force: bool = False):
     """Profile `model` (alias, checkpoint dir or ModelSpec); save to `out` when given; return
     the Profile.
 
     hardware: None = measure timing on `device`; a bundled name (e.g. "h200") = take timing and
     hardware facts from that bundle (DataError when it is missing for this model).
+    force: write into an `out` folder that holds other files (they are kept; tuner.profile).
     Raises ModelError, DataError, DeviceError, ConfigError (one line each).
     """
     from expertflow.config import now_iso, tool_version
@@ -149,7 +165,7 @@ def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | N
     }
     profile = Profile(meta=meta, trace=trace, tables={**tables, **timing_tables})
     if out is not None:
-        profile.save(out)
+        profile.save(out, force=force)
         log.info("profile %s written to %s", profile.profile_id, out)
     return profile
 
@@ -167,10 +183,22 @@ def profile_summary(profile) -> dict:
 
 
 def cli_profile(args) -> int:
-    """Handler of `ef-profile` (tuner/cli.py builds the parser)."""
-    profile = run_profile(args.model, out=args.out, prompts=args.prompts, device=args.device,
-                          routing=args.routing, max_tokens=args.max_tokens, quick=args.quick,
-                          seed=args.seed)
+    """Handler of `ef-profile` (tuner/cli.py builds the parser). --out is checked first, before
+    any work; a failed run leaves it as it was found."""
+    from expertflow.errors import ExpertFlowError
+    from expertflow.fsutil import claim_out_dir
+
+    from ..profile import is_profile_file
+
+    force = getattr(args, "force", False)
+    folder = claim_out_dir(args.out, is_profile_file, force=force, what="ef-profile")
+    try:
+        profile = run_profile(args.model, out=args.out, prompts=args.prompts, device=args.device,
+                              routing=args.routing, max_tokens=args.max_tokens, quick=args.quick,
+                              seed=args.seed, force=force)
+    except (ExpertFlowError, KeyboardInterrupt):
+        folder.restore()
+        raise
     s = profile_summary(profile)
     if args.json:
         print(json.dumps(s))
