@@ -271,6 +271,7 @@ def main(argv=None):
                 print(f"sweep: {r['row']:<28} {r['tokens_per_s']:7.1f} tok/s hit {r['hit_rate']:.3f} "
                       f"miss/t {r['misses_per_token']:.1f}", flush=True)
     runs: dict[str, list[dict]] = {}
+    fastest = None  # transformers' fastest experts backend, found in round 0
     for rnd in range(args.rounds):
         for label, cfg, budget in rows:
             r = engine_row(model, cfg, trace, plan, label, budget, bpe, profile=rnd == 0 and budget is None)

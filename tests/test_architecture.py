@@ -48,7 +48,6 @@ MODULE_EXCEPTIONS = {
 FUNCTION_EXCEPTIONS = {
     "tuner/simulator.py:simulate": "the simulator's timeline belongs to the engine issues",
     "tuner/profiler/__init__.py:run_profile": "the profile's stages in order; not split yet",
-    "tuner/pipeline.py:tune": "takes one typed request in the compose-at-the-top step (issue 11 edits it)",
     "tuner/pipeline.py:_export": "the export's stages; split with tune()",
     "tuner/profiler/timing.py:measure_timing": "the timing stages in order; not split yet",
     "tuner/search_space/parsing.py:_parse_param": "one branch per parameter type; not split yet",

@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import signal
+import warnings
 import time
 from dataclasses import dataclass, field
 from typing import Any

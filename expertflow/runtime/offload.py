@@ -145,6 +145,7 @@ class OffloadHandle(AbstractContextManager):
         pin = self.cuda and cfg.runtime.pin_memory
         self.store = HostStore(self.blocks, pin, self)
         self.host_gate_up, self.host_down = self.store.gate_up, self.store.down
+        self.gate_up_shape, self.down_shape = self.store.gate_up_shape, self.store.down_shape
         # Everything that is not a routed expert lives on the device.
         model.to(self.device)
         self.expert_bytes = self.store.expert_bytes
