@@ -123,8 +123,7 @@ def cli_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     spec = resolve_model(args.model or config.model.name)
     check_model_matches(config, spec)
-    from .runtime.generate import greedy_generate
-    from .runtime.loading import load_model, resolve_device
+    from .runtime.loading import engine_kind, load_model, resolve_device
 
     device = resolve_device(args.device or _config_device(config, args.config))
     if device.type == "cpu" and config.runtime.device.startswith("cuda"):
@@ -143,17 +142,20 @@ def cli_run(args: argparse.Namespace) -> int:
         model, handle = load_model(str(spec.checkpoint or spec.name), config, device=str(device), seed=args.seed)
     with handle:
         handle.reset_stats()
-        res = greedy_generate(model, input_ids, args.max_new_tokens)
+        res = handle.generate(input_ids, args.max_new_tokens)
         stats = handle.stats
+    engine = engine_kind(config, device)
     new_ids = res.sequences[0, input_ids.shape[1]:].tolist()
     t = stats["total"]
     decode_tokens = max(res.new_tokens - 1, 0)
     out = {
-        "model": spec.name, "config": str(args.config), "device": str(device),
+        "model": spec.name, "config": str(args.config), "device": str(device), "engine": engine,
         "prompt_tokens": int(input_ids.shape[1]), "new_tokens": res.new_tokens,
         "token_ids": new_ids, "text": decode(new_ids) if decode else None,
         "decode_tokens_per_s": res.decode_tokens_per_s, "prefill_ms": res.prefill_s * 1000,
-        "hit_rate": t["hit_rate"], "stall_ms_per_token": t["stall_ms"] / decode_tokens if decode_tokens else 0.0,
+        "hit_rate": t["hit_rate"], "misses": t["misses"],
+        "misses_per_token": t["misses"] / res.new_tokens if res.new_tokens else 0.0,
+        "stall_ms_per_token": t["stall_ms"] / decode_tokens if decode_tokens else 0.0,
         "bytes_moved": t["bytes_moved"], "prefetch_issued": t["prefetch_issued"],
         "prefetch_used": t["prefetch_used"], "activated_per_token": t["activated_per_token"],
     }
@@ -162,7 +164,8 @@ def cli_run(args: argparse.Namespace) -> int:
     else:
         shown = out["text"] if out["text"] is not None else " ".join(map(str, new_ids))
         print(shown)
-        print(f"\n{res.new_tokens} tokens on {device}: {out['decode_tokens_per_s']:.2f} tokens/s decode, "
-              f"prefill {out['prefill_ms']:.1f} ms, hit rate {out['hit_rate']:.1%}, "
+        print(f"\n{res.new_tokens} tokens on {device} ({engine} engine): {out['decode_tokens_per_s']:.2f} "
+              f"tokens/s decode, prefill {out['prefill_ms']:.1f} ms, hit rate {out['hit_rate']:.1%}, "
+              f"{out['misses']} misses ({out['misses_per_token']:.1f} per token), "
               f"stall {out['stall_ms_per_token']:.2f} ms/token", file=sys.stderr)
     return 0

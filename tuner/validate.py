@@ -316,6 +316,9 @@ def _measure_config(spec, cfg, trace, dev, *, replay, prompt_tokens, max_decode_
     from expertflow.runtime.loading import load_model
     from expertflow.runtime.offload import offload
 
+    # This measurement (TraceReplay hooks, the lean loop) is the eager runtime's; validating the
+    # graph engine's configs on the engine is the next issue's (the tuner on the graph engine).
+    cfg = cfg.with_values({"runtime.engine": "eager"})
     if "model" not in cache:
         cache["model"], handle = load_model(str(spec.checkpoint or spec.name), cfg, device=str(dev), seed=seed)
     else:

@@ -34,7 +34,7 @@ from torch import nn
 from ..config import RuntimeConfig
 from ..core import SchedulerParams
 from ..core.engine_cache import DECODE_STEP, PREFILL_STEP, EngineScheduler
-from ..errors import DeviceError
+from ..errors import ConfigError, DeviceError
 from ..runtime.adapters import find_moe_blocks
 from ..runtime.offload import BACKEND_NAME, check_config_matches, register_backend
 from ..runtime.store import HostStore, SlotPool
@@ -268,8 +268,10 @@ class GraphEngine(AbstractContextManager):
         B, P = input_ids.shape
         self._setup_batch(B)
         if P + max_new_tokens > self.max_len:
-            raise ValueError(f"prompt {P} + {max_new_tokens} new tokens exceed memory.max_context_tokens "
-                             f"{self.max_len}; raise it (and the budget) or generate fewer tokens")
+            raise ConfigError(f"memory.max_context_tokens {self.max_len} is less than the prompt ({P}) + "
+                              f"{max_new_tokens} new tokens: the graph engine's KV cache is reserved for "
+                              "max_context_tokens; raise it in the config (ef-tune --max-context) or "
+                              "generate fewer tokens")
         self._drain()
         dev = self.device
         ids = input_ids.to(dev)

@@ -32,6 +32,10 @@ class StepGraphs:
         self.pool = torch.cuda.graph_pool_handle() if device is not None else None
 
     def clear(self) -> None:
+        """Drop every graph and hand its private memory back (reset() frees the graph's pool
+        blocks now, not whenever Python collects the object)."""
+        for g in self.graphs.values():
+            g.reset()
         self.graphs.clear()
 
     def __len__(self) -> int:

@@ -159,11 +159,31 @@ def load_model(name_or_path: str, config=None, *, device: str | None = None,
     dt = dtype or (config.runtime.dtype if config is not None else ("bfloat16" if dev.type == "cuda" else "float32"))
     if config is None:
         return build_model(spec, device=dev, dtype=dt, seed=seed), None
-    from .offload import offload
-
     model = build_model(spec, device=dev, dtype=dt, seed=seed, experts_on_host=True,
                         pin_memory=dev.type == "cuda" and config.runtime.pin_memory)
-    return model, offload(model, config, device=str(dev), record_trace=record_trace)
+    return model, attach_executor(model, config, dev, record_trace=record_trace)
+
+
+def engine_kind(config, device: torch.device) -> str:
+    """The decode executor `config.runtime.engine` asks for on `device`: auto = graph on CUDA."""
+    kind = config.runtime.engine
+    if kind == "auto":
+        kind = "graph" if device.type == "cuda" else "eager"
+    return kind
+
+
+def attach_executor(model: nn.Module, config, device: torch.device, *, record_trace: bool | None = None):
+    """The graph engine or the eager runtime, as the config says; both have .generate(), .stats,
+    .reset_stats() and .detach() (and are context managers)."""
+    if engine_kind(config, device) == "graph":
+        if record_trace:
+            raise ValueError("routing traces are recorded by the eager runtime; set runtime.engine: eager")
+        from ..engine import attach
+
+        return attach(model, config, device=str(device))
+    from .offload import offload
+
+    return offload(model, config, device=str(device), record_trace=record_trace)
 
 
 def experts_to_host(model: nn.Module, pin: bool = True) -> None:

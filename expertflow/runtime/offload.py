@@ -433,6 +433,12 @@ class OffloadHandle(AbstractContextManager):
         t["gpu_slots"] = self.sched.num_slots
         return d
 
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, keep_logits: bool = False):
+        """Greedy decoding with the attached model (the lean loop of runtime.generate)."""
+        from .generate import greedy_generate
+
+        return greedy_generate(self.model, input_ids, max_new_tokens, keep_logits=keep_logits)
+
     def stats_json(self) -> str:
         return json.dumps(self.stats, indent=2)
 

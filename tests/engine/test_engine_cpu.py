@@ -89,3 +89,31 @@ def test_engine_with_triton_kernel_under_interpreter():
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout, proc.stdout
+
+
+def test_ef_run_uses_the_engine_the_config_names(tmp_path, capsys):
+    """ef-run follows runtime.engine: the graph engine (its step run eagerly on CPU) and the eager
+    runtime generate the same tokens, and ef-run reports the engine, hit rate and misses."""
+    import json
+
+    from expertflow.cli import run_main
+    from expertflow.config import save_config
+
+    from ._exact import configs
+
+    spec = resolve_model("tiny-qwen2-moe")
+    L = spec.num_moe_layers
+    (_, cfg), = configs(spec, "cpu", "float32", policies=("lru",), capacities=(L,))
+    outs = {}
+    for engine in ("graph", "eager"):
+        path = save_config(cfg.with_values({"runtime.engine": engine}), tmp_path / f"{engine}.yaml")
+        assert run_main(["--config", str(path), "--device", "cpu", "--json", "--max-new-tokens", "6",
+                         "--prompt-ids", "1,2,3,4,5,6,7,8"]) == 0
+        outs[engine] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert outs["graph"]["engine"] == "graph" and outs["eager"]["engine"] == "eager"
+    assert outs["graph"]["token_ids"] == outs["eager"]["token_ids"]
+    assert outs["graph"]["misses"] > 0 and 0 <= outs["graph"]["hit_rate"] < 1  # 1 slot per layer
+    path = save_config(cfg.with_values({"runtime.engine": "graph"}), tmp_path / "short.yaml")
+    assert run_main(["--config", str(path), "--device", "cpu", "--max-new-tokens", "100",
+                     "--prompt-ids", "1,2,3"]) == 3  # past max_context_tokens (64): a config error
+    assert "max_context_tokens 64" in capsys.readouterr().err
