@@ -219,12 +219,12 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
             G = max(G + layer_gpu, H)
             H = max(H, G) + sync_ms  # the router ids reach the host
             ids_m = ids_step[:, m]
+            decided = None
             if adaptive:
                 rs = slice(offset, offset + T)
                 decided = (ak_keep[rs, m], ak_w[rs, m], float(ak_dropped[rs, m].sum()))
-                route = sched.route(m, ids_m, w_step[:, m], decided)
-            else:
-                route = sched.route(m, ids_m, w_step[:, m])
+            plan = sched.visit(m, ids_m, w_step[:, m], pred_step[m] if pred_step is not None else None, decided)
+            route = plan.route
             if T == 1:
                 counts = None
             else:
@@ -249,13 +249,12 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
                 for s in wave.slots:
                     slot_free[s] = G
             H += host_post
-            if pred_step is not None:
-                for ld in sched.prefetch(m, pred_step[m], route):
-                    H += issue_ms
-                    start = max(C, H, slot_free[ld.slot])
-                    C = start + copy_ms
-                    slot_ready[ld.slot] = C
-                    step_loads += 1
+            for ld in plan.prefetches:
+                H += issue_ms
+                start = max(C, H, slot_free[ld.slot])
+                C = start + copy_ms
+                slot_ready[ld.slot] = C
+                step_loads += 1
         offset += T
         H += dense_layers * costs.host_layer_ms + costs.step_overhead_ms
         G = max(G + dense_layers * layer_gpu, H - costs.step_overhead_ms)

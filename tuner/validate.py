@@ -11,7 +11,7 @@ real one, so the measured run replays the trace instead. `TraceReplay` registers
 instance only (no code of the runtime changes):
 * a forward hook on every MoE router that returns the trace's (weights, ids) rows of the
   current step in place of the router's own (the logits are left as they are);
-* a wrapper of this handle's `Scheduler.prefetch` that hands it the trace's recorded
+* the handle's `prediction_source` seam, which hands the scheduler the trace's recorded
   predictions instead of the ones the random gates produce (the predictor's matmul still runs,
   so its cost is measured);
 * a forward pre-hook on the model that advances the step: per trace sequence one prefill of its
@@ -88,9 +88,7 @@ class TraceReplay:
         self._hooks = [model.register_forward_pre_hook(self._pre_forward)]
         for b in self.blocks:
             self._hooks.append(b.router.register_forward_hook(self._router_hook(b.moe_index)))
-        sched = handle.sched
-        self._orig_prefetch = sched.prefetch
-        sched.prefetch = self._prefetch  # this scheduler instance only
+        handle.prediction_source = self._predict  # the handle's seam for its predictions
 
     def start_sequence(self, rows: np.ndarray, prefill: int) -> None:
         import torch
@@ -119,19 +117,18 @@ class TraceReplay:
             return logits, self._w[m, self._step], ids
         return hook
 
-    def _prefetch(self, layer: int, predictions, current=None):
-        depth = 0 if predictions is None else int(np.asarray(predictions).shape[0])
+    def _predict(self, layer: int, predictions):
+        depth = int(np.asarray(predictions).shape[0])
         if depth == 0 or self.trace.lookahead == 0:
-            return self._orig_prefetch(layer, predictions, current)
+            return predictions
         d = min(depth, self.trace.lookahead)
-        pred = self.trace.pred[self.rows, layer, :d].transpose(1, 0, 2)  # [D, T, k]
-        return self._orig_prefetch(layer, pred, current)
+        return self.trace.pred[self.rows, layer, :d].transpose(1, 0, 2)  # [D, T, k]
 
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self.handle.sched.prefetch = self._orig_prefetch
+        self.handle.prediction_source = None
 
     def __enter__(self):
         return self

@@ -7,10 +7,10 @@ from .adaptive_k import apply as apply_adaptive_k
 from .adaptive_k import keep_mask
 from .counters import Counters
 from .policies import EvictionPolicy, ExpertStats, make_policy, policy_names, register_policy
-from .scheduler import Load, Route, Scheduler, SchedulerParams, Wave, allocate_capacity
+from .scheduler import LayerPlan, Load, Route, Scheduler, SchedulerParams, Wave, allocate_capacity
 
 __all__ = [
-    "Counters", "EvictionPolicy", "ExpertStats", "Load", "Route", "Scheduler", "SchedulerParams",
+    "Counters", "EvictionPolicy", "ExpertStats", "LayerPlan", "Load", "Route", "Scheduler", "SchedulerParams",
     "Wave", "allocate_capacity", "apply_adaptive_k", "keep_mask", "make_policy", "policy_names",
     "register_policy",
 ]

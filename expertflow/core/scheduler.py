@@ -63,6 +63,13 @@ class Route:
         return [ld for w in self.waves for ld in w.loads]
 
 
+class LayerPlan(NamedTuple):
+    """Everything the scheduler decides for one MoE layer visit, in the one order it decides it."""
+
+    route: Route
+    prefetches: list[Load]
+
+
 @dataclass(frozen=True)
 class SchedulerParams:
     """Plain-value view of the RuntimeConfig fields the scheduler uses (torch- and pydantic-free)."""
@@ -301,6 +308,15 @@ class Scheduler:
     def _precision_update(self, distance: int, used: bool) -> None:
         if 0 < distance < len(self.precision):
             self.precision[distance] = 0.9 * self.precision[distance] + 0.1 * float(used)
+
+    def visit(self, layer: int, ids: np.ndarray, weights: np.ndarray, predictions: np.ndarray | None = None,
+              decided: tuple[np.ndarray, np.ndarray, float] | None = None) -> LayerPlan:
+        """The one entry point per MoE layer visit (runtime and simulator): route the layer's
+        tokens (adaptive-k, hits, demand loads), then plan the prefetches for the next layers
+        from `predictions` [D, T, w] (None = no prefetch). See `route` and `prefetch`."""
+        route = self.route(layer, ids, weights, decided)
+        prefetches = self.prefetch(layer, predictions, route) if predictions is not None else []
+        return LayerPlan(route, prefetches)
 
     def route(self, layer: int, ids: np.ndarray, weights: np.ndarray,
               decided: tuple[np.ndarray, np.ndarray, float] | None = None) -> Route:

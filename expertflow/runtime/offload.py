@@ -133,6 +133,9 @@ class OffloadHandle(AbstractContextManager):
                                         **(trace_meta or {})}) if record else None)
         self._seq_base = 0
         self._last_batch = 0
+        # Seam for replay: (layer, predictions [D, T, k]) -> the predictions to plan from
+        # (tuner.validate.TraceReplay hands the trace's recorded ones).
+        self.prediction_source = None
         self._attached = False
         self._attach()
 
@@ -251,10 +254,14 @@ class OffloadHandle(AbstractContextManager):
         w_np = w.float().cpu().numpy() if self._need_weights else None
         if self.recorder is not None:
             self.recorder.add_layer(m, ids_np, w_np, pred_np)
-        route = self.sched.route(m, ids_np, w_np)
-        out = self._compute(m, route, h, ids, ids_np, w)
+        preds = None
         if pred_np is not None and self.params.prefetch_depth > 0:
-            self._issue(self.sched.prefetch(m, pred_np[:self.params.prefetch_depth], route))
+            preds = pred_np[:self.params.prefetch_depth]
+            if self.prediction_source is not None:
+                preds = self.prediction_source(m, preds)
+        plan = self.sched.visit(m, ids_np, w_np, preds)
+        out = self._compute(m, plan.route, h, ids, ids_np, w)
+        self._issue(plan.prefetches)
         return out
 
     def _compute(self, m: int, route: Route, h: torch.Tensor, ids: torch.Tensor, ids_np: np.ndarray,
