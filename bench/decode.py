@@ -227,6 +227,8 @@ def main(argv=None):
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager-runtime row")
     ap.add_argument("--no-transformers", action="store_true", help="skip the all-on-GPU transformers row")
+    ap.add_argument("--extra-rows", nargs="*", default=["12GB:lfu:0", "8GB:lfu:0"],
+                    help="more graph-engine rows, BUDGET:POLICY:READ_THROUGH_SLOTS (measured every round)")
     ap.add_argument("--sweep", action="store_true",
                     help="first, one pass over policies x read-through slots at each budget (a table)")
     ap.add_argument("--json", default=None)
@@ -256,8 +258,14 @@ def main(argv=None):
                                                                    "cache.policy": args.policy}), None)]
     for budget in args.budgets:
         p = plan_memory(spec, budget)
-        rows.append((f"graph engine @ {budget}", default_config(spec, p, priors=priors).with_values(
+        rows.append((f"graph engine @ {budget} (default config)", default_config(spec, p, priors=priors).with_values(
             {"cache.policy": args.policy}), p.budget_bytes))
+    for extra in args.extra_rows:
+        budget, policy, staging = extra.split(":")
+        p = plan_memory(spec, budget)
+        rows.append((f"graph engine @ {budget}, {policy}, {staging} read-through", default_config(
+            spec, p, priors=priors).with_values({"cache.policy": policy, "cache.read_through_slots": int(staging)}),
+            p.budget_bytes))
     ids = torch.randint(0, spec.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).cuda()
     sweep = []
     if args.sweep:
@@ -332,14 +340,14 @@ def fmt(v, spec):
 
 
 def print_table(rows, best_hf):
-    print(f"\n{'row':<46} {'tok/s':>7} {'min-max':>13} {'x HF':>5} {'hit':>6} {'miss/t':>6} {'MB/tok':>7} "
+    print(f"\n{'row':<52} {'tok/s':>7} {'min-max':>13} {'x HF':>5} {'hit':>6} {'miss/t':>6} {'MB/tok':>7} "
           f"{'floor':>7} {'x fl':>5} {'peak alloc':>11} {'peak resv':>11} {'budget ok':>9}")
     for r in rows:
         mb = None if r.get("bytes_per_token") is None else r["bytes_per_token"] / 1e6
         each = r.get("tokens_per_s_runs")
         spread = f"{min(each):.1f}-{max(each):.1f}" if each and len(each) > 1 else "-"
         xhf = r["tokens_per_s"] / best_hf["tokens_per_s"] if best_hf else None
-        print(f"{r['row'][:46]:<46} {r['tokens_per_s']:>7.1f} {spread:>13} {fmt(xhf, '5.2f'):>5} "
+        print(f"{r['row'][:52]:<52} {r['tokens_per_s']:>7.1f} {spread:>13} {fmt(xhf, '5.2f'):>5} "
               f"{fmt(r.get('hit_rate'), '6.3f'):>6} {fmt(r.get('misses_per_token'), '6.1f'):>6} {fmt(mb, '7.1f'):>7} "
               f"{fmt(r.get('floor_tokens_per_s'), '7.1f'):>7} {fmt(r.get('x_floor'), '5.2f'):>5} "
               f"{format_bytes(r['peak_alloc']):>11} {format_bytes(r['peak_reserved']):>11} "
