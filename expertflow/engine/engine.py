@@ -25,7 +25,6 @@ import inspect
 import logging
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -42,27 +41,12 @@ from . import kernels
 from .fusion import FusedNorms
 from .graphs import StepGraphs, kv_bucket
 from .static_cache import StaticKV
-from .support import check_supported, device_adaptive_k, experts_torch
+from .support import GenerationOutput, check_supported, device_adaptive_k, experts_torch
 from .tables import DeviceTables
 
 log = logging.getLogger(__name__)
 
 RING = 4  # steps of routed ids kept on the device / in pinned memory (the host is <= 2 behind)
-
-
-@dataclass
-class GenerationOutput:
-    sequences: torch.Tensor  # [B, prompt + new] on the CPU
-    new_tokens: int
-    prefill_s: float
-    decode_s: float
-    step_logits: list[torch.Tensor] = field(default_factory=list)  # [B, V] float32 per new token
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        b = self.sequences.shape[0]
-        steps = max(self.new_tokens - 1, 0)
-        return b * steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
 class GraphEngine(AbstractContextManager):
@@ -129,6 +113,7 @@ class GraphEngine(AbstractContextManager):
         self.tokens_generated = 0
         self._mode = "decode"
         self._parity = 0
+        self._running = False  # inside generate() / capture(): the model loop is ours
         self._attached = True
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -172,6 +157,9 @@ class GraphEngine(AbstractContextManager):
 
     # ---- the experts backend --------------------------------------------------------------
     def _layer_forward(self, m: int, h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if not self._running:
+            raise RuntimeError("the graph engine runs its own decode loop: call engine.generate(...) "
+                               "(or attach the eager runtime, expertflow.offload, to use model(...))")
         if self.replay is not None:
             ids, w = self.replay.route(m, self.kv.positions)
         w_router = w  # the host's dropped-mass counter needs the router's own weights
@@ -261,10 +249,17 @@ class GraphEngine(AbstractContextManager):
             self._decide_oldest()
 
     # ---- generation -----------------------------------------------------------------------
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, keep_logits: bool = False,
                  prefill_chunk: int | None = None) -> GenerationOutput:
         """Greedy decoding of `max_new_tokens` tokens for a batch of equal-length prompts."""
+        self._running = True
+        try:
+            return self._generate(input_ids, max_new_tokens, keep_logits, prefill_chunk)
+        finally:
+            self._running = False
+
+    @torch.no_grad()
+    def _generate(self, input_ids, max_new_tokens, keep_logits, prefill_chunk) -> GenerationOutput:
         B, P = input_ids.shape
         self._setup_batch(B)
         if P + max_new_tokens > self.max_len:
@@ -339,7 +334,12 @@ class GraphEngine(AbstractContextManager):
         self._setup_batch(batch)
         if self.graphs_on:
             self._drain()
-            self.graphs.capture_all(self, max_tokens)
+            self._running = True
+            try:
+                with torch.no_grad():
+                    self.graphs.capture_all(self, max_tokens)
+            finally:
+                self._running = False
             self._sync()
 
     def _sync(self) -> None:

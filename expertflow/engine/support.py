@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 from torch import nn
 
 from ..core.engine_cache import staging_ranks
 from ..errors import ModelError
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor  # [B, prompt + new] on the CPU
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+    step_logits: list[torch.Tensor] = field(default_factory=list)  # [B, V] float32 per new token
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        b = self.sequences.shape[0]
+        steps = max(self.new_tokens - 1, 0)
+        return b * steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
 def check_supported(model, blocks) -> None:

@@ -117,3 +117,13 @@ def test_ef_run_uses_the_engine_the_config_names(tmp_path, capsys):
     assert run_main(["--config", str(path), "--device", "cpu", "--max-new-tokens", "100",
                      "--prompt-ids", "1,2,3"]) == 3  # past max_context_tokens (64): a config error
     assert "max_context_tokens 64" in capsys.readouterr().err
+
+
+def test_model_calls_outside_the_engine_loop_are_refused():
+    spec = resolve_model("tiny-qwen2-moe")
+    model, ids, _ = reference(spec, "cpu", "float32")
+    _, cfg = next(iter(configs(spec, "cpu", "float32", policies=("lru",), capacities=(8,))))
+    with attach(model, cfg, device="cpu") as eng:
+        with pytest.raises(RuntimeError, match="engine.generate"):
+            model(ids)
+        eng.generate(ids, 2)  # and the engine itself still runs
