@@ -10,8 +10,8 @@ tuner.validate replays it): a random-weight router picks nearly the same experts
 exercises no offloading. Each round measures every row once, in the same order; the table shows
 each row's median round and the min-max.
 
-Columns: decode tokens/s (median, min-max), hit rate, misses/token, MB read over PCIe per token,
-peak GPU memory (allocated, reserved: from attach to the end of decode), and the row's floor:
+Columns: decode tokens/s (median, min-max), x the fastest transformers row, hit rate,
+misses/token, MB read over PCIe per token, prefill tokens/s (32-token prompt), peak GPU memory (allocated, reserved: from attach to the end of decode), and the row's floor:
 all-resident step time + miss bytes / the pinned host->device bandwidth measured in this run
 ("x floor" = measured time per token / floor).
 
@@ -341,7 +341,7 @@ def fmt(v, spec):
 
 def print_table(rows, best_hf):
     print(f"\n{'row':<52} {'tok/s':>7} {'min-max':>13} {'x HF':>5} {'hit':>6} {'miss/t':>6} {'MB/tok':>7} "
-          f"{'floor':>7} {'x fl':>5} {'peak alloc':>11} {'peak resv':>11} {'budget ok':>9}")
+          f"{'floor':>7} {'x fl':>5} {'prefill':>7} {'peak alloc':>11} {'peak resv':>11} {'budget ok':>9}")
     for r in rows:
         mb = None if r.get("bytes_per_token") is None else r["bytes_per_token"] / 1e6
         each = r.get("tokens_per_s_runs")
@@ -350,6 +350,7 @@ def print_table(rows, best_hf):
         print(f"{r['row'][:52]:<52} {r['tokens_per_s']:>7.1f} {spread:>13} {fmt(xhf, '5.2f'):>5} "
               f"{fmt(r.get('hit_rate'), '6.3f'):>6} {fmt(r.get('misses_per_token'), '6.1f'):>6} {fmt(mb, '7.1f'):>7} "
               f"{fmt(r.get('floor_tokens_per_s'), '7.1f'):>7} {fmt(r.get('x_floor'), '5.2f'):>5} "
+              f"{fmt(r.get('prefill_tokens_per_s'), '7.1f'):>7} "
               f"{format_bytes(r['peak_alloc']):>11} {format_bytes(r['peak_reserved']):>11} "
               f"{str(r.get('within_budget', '-')):>9}")
 
