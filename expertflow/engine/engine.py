@@ -33,9 +33,8 @@ from torch import nn
 from ..config import RuntimeConfig
 from ..core import SchedulerParams
 from ..core.engine_cache import DECODE_STEP, PREFILL_STEP, EngineScheduler
-from ..errors import ConfigError, DeviceError
-from ..runtime.adapters import find_moe_blocks
-from ..runtime.offload import BACKEND_NAME, check_config_matches, register_backend
+from ..errors import ConfigError
+from ..runtime.offload import BACKEND_NAME, attach_target, register_backend
 from ..runtime.store import HostStore, SlotPool
 from . import kernels
 from .fusion import FusedNorms
@@ -60,12 +59,7 @@ class GraphEngine(AbstractContextManager):
                  kernel: str = "auto", graphs: bool | None = None):
         self.model = model
         self.config = config
-        self.blocks = find_moe_blocks(model)
-        check_config_matches(model, config)
-        self.device = torch.device(device or config.runtime.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise DeviceError(f"config runtime.device is {config.runtime.device!r} but no CUDA GPU is "
-                              "available; pass device='cpu' or run on a GPU machine")
+        self.blocks, self.device = attach_target(model, config, device)
         self.cuda = self.device.type == "cuda"
         self.graphs_on = self.cuda if graphs is None else (graphs and self.cuda)
         if kernel == "auto":

@@ -63,6 +63,18 @@ def register_backend() -> None:
     ExpertsInterface.register(BACKEND_NAME, _experts_forward)
 
 
+def attach_target(model: nn.Module, config: RuntimeConfig, device) -> tuple[list, torch.device]:
+    """(the model's MoE blocks, the device to run on) for attaching `config`: ModelError for a
+    config made for another model, DeviceError for a CUDA device without a GPU."""
+    blocks = find_moe_blocks(model)
+    check_config_matches(model, config)
+    dev = torch.device(device or config.runtime.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"config runtime.device is {config.runtime.device!r} but no CUDA GPU is "
+                          "available; pass device='cpu' or run on a GPU machine")
+    return blocks, dev
+
+
 def check_config_matches(model: nn.Module, config: RuntimeConfig) -> None:
     """Refuse a config made for another model (by dims fingerprint): ModelError."""
     from ..registry import spec_from_hf_config
@@ -109,12 +121,7 @@ class OffloadHandle(AbstractContextManager):
                  record_trace: bool | None = None, trace_meta: dict | None = None):
         self.model = model
         self.config = config
-        self.blocks = find_moe_blocks(model)
-        check_config_matches(model, config)
-        self.device = torch.device(device or config.runtime.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise DeviceError(f"config runtime.device is {config.runtime.device!r} but no CUDA GPU is "
-                              "available; pass device='cpu' or run on a GPU machine")
+        self.blocks, self.device = attach_target(model, config, device)
         self.cuda = self.device.type == "cuda"
         self.L = len(self.blocks)
         self.E = int(self.blocks[0].experts.num_experts)
