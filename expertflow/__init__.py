@@ -7,7 +7,8 @@ Public API (imported lazily, so `import expertflow` stays cheap and pulls in no 
     expertflow.resolve_model(name)      registry alias or checkpoint dir -> ModelSpec
     expertflow.default_config(model, budget="24GB")  an untuned config for a model you built
     expertflow.offload(model, config)   attach the scheduler -> handle (.stats, .detach(), `with`)
-    expertflow.load_model(name, config) build/load a model straight into offloaded form
+    expertflow.load_model(name, config) build/load a model straight into offloaded form, with the
+                                        executor runtime.engine names (graph engine on CUDA)
 """
 
 from __future__ import annotations
