@@ -231,10 +231,7 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
                 counts = np.bincount(ids_m[route.keep], minlength=E)
             for wave in route.waves:
                 for ld in wave.loads:
-                    H += issue_ms
-                    start = max(C, H, slot_free[ld.slot])
-                    C = start + copy_ms
-                    slot_ready[ld.slot] = C
+                    H, C = _issue_copy(ld.slot, H, C, issue_ms, copy_ms, slot_free, slot_ready)
                     step_loads += 1
                 ready = max(slot_ready[s] for s in wave.slots)
                 begin = max(G, H)
@@ -250,10 +247,7 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
                     slot_free[s] = G
             H += host_post
             for ld in plan.prefetches:
-                H += issue_ms
-                start = max(C, H, slot_free[ld.slot])
-                C = start + copy_ms
-                slot_ready[ld.slot] = C
+                H, C = _issue_copy(ld.slot, H, C, issue_ms, copy_ms, slot_free, slot_ready)
                 step_loads += 1
         offset += T
         H += dense_layers * costs.host_layer_ms + costs.step_overhead_ms
@@ -292,6 +286,16 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
     return SimResult(metrics=metrics, counters=sched.counters,
                      timeline={"decode_ms": decode_time, "prefill_ms": prefill_time,
                                "decode_tokens": float(decode_tokens)})
+
+
+def _issue_copy(slot: int, H: float, C: float, issue_ms: float, copy_ms: float, slot_free: list,
+                slot_ready: list) -> tuple[float, float]:
+    """The host issues one expert copy (issue_ms); the copy stream starts it when it is free and
+    the slot's last reader is done, and it lands copy_ms later. Returns (host, copy) clocks."""
+    H += issue_ms
+    C = max(C, H, slot_free[slot]) + copy_ms
+    slot_ready[slot] = C
+    return H, C
 
 
 def engine_decisions(trace: RoutingTrace, config, *, schedule: str = "decode", prompt_tokens: int = 16,
