@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default=None, help="bundle root (default tuner/data/hardware)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke test of this script)")
     ap.add_argument("--json", default=None, help="also write the summary rows to this JSON file")
+    ap.add_argument("--engine-only", action="store_true",
+                    help="keep each model's bundled tables and (re)measure only the graph engine's "
+                         "(tuner/profiler/engine_timing.py) into them")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bundle_hardware.py: error: no CUDA GPU here; run it on the GPU machine", file=sys.stderr)
@@ -49,6 +52,8 @@ def main(argv=None) -> int:
     dtype = "bfloat16"
     root = Path(args.root) if args.root else hardware_root()
     t_all = time.perf_counter()
+    if args.engine_only:
+        return engine_only(args, dev, dtype, root, t_all)
     hw = collect_hardware(dev)
     t0 = time.perf_counter()
     base = measure_transfer(dev, SIZES_BYTES, CONCURRENCY, reps=5 if args.quick else 15)
@@ -87,6 +92,67 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"hardware": hw, "rows": rows, "seconds": total}, indent=1))
     return 0
+
+
+def engine_only(args, dev, dtype: str, root: Path, t_all: float) -> int:
+    """--engine-only: the graph engine's timing into each model's existing bundle entry."""
+    import pandas as pd
+    import yaml
+
+    from expertflow.registry import resolve_model
+    from tuner.profiler.bundled import load_bundled, save_bundled
+    from tuner.profiler.engine_timing import measure_engine
+    from tuner.profiler.timing import timing_summary
+
+    rows = []
+    for alias in args.models:
+        spec = resolve_model(alias)
+        t0 = time.perf_counter()
+        hw, tables = load_bundled(args.name, spec, root)
+        key = hw["bundle_model"]
+        meta = yaml.safe_load((root / args.name / key / "hardware.yaml").read_text())
+        values, grid = measure_engine(spec, device=dev, dtype=dtype, quick=args.quick)
+        rt = tables["runtime"]
+        rt = rt[~rt["name"].str.startswith("engine_")]
+        tables["runtime"] = pd.concat([rt, pd.DataFrame({"name": list(values), "value": list(values.values())})],
+                                      ignore_index=True)
+        tables["engine"] = grid
+        bpe = spec.bytes_per_expert(dtype)
+        summary = {**timing_summary(tables, bpe), **{k: round(float(v), 6) for k, v in values.items()}}
+        for k in ("source", "bundle_model", "bundle_dtype", "bundle_created_at", "bundle_timing_note"):
+            hw.pop(k, None)
+        save_bundled(args.name, key, fingerprint=spec.fingerprint, dtype=dtype, bytes_per_expert=bpe,
+                     hardware=meta.get("hardware") or hw, timing=meta.get("timing") or {}, summary=summary,
+                     tables=tables, root=root)
+        L = spec.num_moe_layers
+        step = values["engine_step_overhead_ms_b1"] + L * values["engine_layer_ms_b1"]
+        one = grid[(grid["tokens"] == 1)]
+        miss = float(one[(one["hits"] == 0) & (one["misses"] == 1)]["median_ms"].iloc[0]
+                     - one[(one["hits"] == 1) & (one["misses"] == 0)]["median_ms"].iloc[0])
+        rows.append({"model": alias, "seconds": round(time.perf_counter() - t0, 1), "step_ms_b1": step,
+                     "layer_ms_b1": values["engine_layer_ms_b1"], "miss_ms": miss,
+                     "zc_gbps": bpe / (miss * 1e6) if miss > 0 else float("nan"),
+                     "host_layer_ms": values["engine_host_layer_ms"]})
+        print(f"{alias}: engine timing in {rows[-1]['seconds']} s", flush=True)
+        torch_free()
+    print(f"\ngraph-engine timing for {len(rows)} models into {root / args.name} in "
+          f"{time.perf_counter() - t_all:.0f} s")
+    print(f"{'model':<18}{'s':>6}{'step ms':>9}{'layer ms':>9}{'miss ms':>9}{'zc GB/s':>9}{'host/layer':>11}")
+    for r in rows:
+        print(f"{r['model']:<18}{r['seconds']:>6.1f}{r['step_ms_b1']:>9.3f}{r['layer_ms_b1']:>9.4f}"
+              f"{r['miss_ms']:>9.3f}{r['zc_gbps']:>9.1f}{r['host_layer_ms']:>11.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
+    return 0
+
+
+def torch_free() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -165,6 +165,16 @@ class Runtime(_Strict):
                             "eager on CPU")
 
 
+def resolved_engine(config, device_type: str | None = None) -> str:
+    """The decode executor `config.runtime.engine` asks for on a device of `device_type`
+    ("cuda" / "cpu"; default: the config's own runtime.device): auto = graph on CUDA."""
+    kind = config.runtime.engine
+    if kind == "auto":
+        dev = device_type or config.runtime.device
+        kind = "graph" if str(dev).startswith("cuda") else "eager"
+    return kind
+
+
 class Provenance(_Strict):
     tool_version: str
     created_at: str

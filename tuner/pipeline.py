@@ -160,6 +160,19 @@ def get_profile(spec, out_dir: Path, *, profile_dir=None, resume: bool, hardware
     return prof, src
 
 
+def engine_space(space, costs, base):
+    """The space for the executor the config will run on: the graph engine (a GPU profile with
+    the engine measured and runtime.engine resolving to graph) has no prefetch; the eager
+    runtime has no read-through admission."""
+    from expertflow.config import resolved_engine
+
+    if costs.engine is not None and resolved_engine(base) == "graph":
+        return space.without(("prefetch.depth", "prefetch.adaptive", "prefetch.width"),
+                              "the graph engine has no prefetch (misses are read zero-copy in the step)")
+    return space.without(("cache.read_through_slots",), "read-through admission is the graph engine's; "
+                         "this profile has no engine timing (the eager runtime admits by copy)")
+
+
 # ---- quality ----------------------------------------------------------------------------------
 def quality_side(spec, prof, space, *, cap: float | None, prompts=None, device: str,
                  notes: list[str], n_prompts: int = QUALITY_PROMPTS, progress: bool = True) -> dict[str, Any]:
@@ -372,7 +385,7 @@ def _tune_in(folder, spec, parsed, plan, dtype, raw_space, given_profile, *, tri
     symbols = {"budget": min(plan.capacity_experts, plan.total_experts), "layers": spec.num_moe_layers,
                "experts": spec.num_experts, "total": plan.total_experts, "top_k": spec.top_k,
                "lookahead": prof.trace.lookahead}
-    space = raw_space.resolve(symbols)
+    space = engine_space(raw_space.resolve(symbols), costs, base)
     if symbols["budget"] < spec.num_moe_layers:
         space = space.restrict("cache.scope", ("pooled",), f"the budget holds {symbols['budget']} slots, "
                                f"fewer than the {spec.num_moe_layers} layers: only a pooled cache works")

@@ -15,7 +15,11 @@ A profile is a directory (version 1):
     kernel.parquet       tokens, median_ms, p10_ms, p90_ms           (one expert's FFN, the runtime's kernel)
     layer.parquet        tokens, median_ms, p10_ms, p90_ms           (non-expert part of one decoder layer)
     runtime.parquet      name, value                                 (calibration of the real runtime:
-                                                                    decode_layer_ms, sync_ms, ...)
+                                                                    decode_layer_ms, sync_ms, ...; the
+                                                                    graph engine's engine_layer_ms_b1, ...)
+    engine.parquet       tokens, hits, misses, median_ms, p10_ms,    (GPU profiles: the graph engine's
+                         p90_ms                                       experts kernel, hits from slots,
+                                                                    misses zero-copy; optional)
 
 profile.yaml keys:
     version, profile_id, created_at, tool_version
@@ -51,7 +55,8 @@ from expertflow.trace import RoutingTrace
 
 PROFILE_VERSION = 1
 TABLES = ("activation", "coactivation", "transitions", "reuse", "predictor", "transfer", "kernel",
-          "layer", "runtime")
+          "layer", "runtime", "engine")
+OPTIONAL_TABLES = ("engine",)  # measured on a GPU only (the graph engine runs on CUDA)
 REQUIRED_COLUMNS = {
     "activation": ["layer", "expert", "count", "frequency"],
     "coactivation": ["layer", "expert_a", "expert_b", "count"],
@@ -62,6 +67,7 @@ REQUIRED_COLUMNS = {
     "kernel": ["tokens", "median_ms", "p10_ms", "p90_ms"],
     "layer": ["tokens", "median_ms", "p10_ms", "p90_ms"],
     "runtime": ["name", "value"],
+    "engine": ["tokens", "hits", "misses", "median_ms"],
 }
 
 

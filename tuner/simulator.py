@@ -31,11 +31,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from expertflow.config import resolved_engine
 from expertflow.core import Scheduler, SchedulerParams
 from expertflow.core.adaptive_k import decide
-from expertflow.core.engine_cache import EngineScheduler
 from expertflow.core.counters import Counters
+from expertflow.core.engine_cache import EngineScheduler
 from expertflow.trace import DECODE, PREFILL, RoutingTrace
+
+from .engine_sim import EngineCosts, replay_engine, simulate_engine, whole_layer_offload_ms
 
 METRIC_KEYS = ("decode_tokens_per_s", "prefill_ms", "stall_ms_per_token", "hit_rate",
                "bytes_per_token", "peak_gpu_bytes", "activated_per_token",
@@ -62,6 +65,9 @@ class Costs:
     decode_tokens_max: int = 8  # steps of at most this many tokens count as decode
     predictor_host_ms: float = 0.09  # per layer with prefetch on: matmul + top-k + concat
     adaptive_host_ms: float = 0.15  # per layer with adaptive-k: weights to host + upload
+    # The graph engine's costs (GPU profiles since 2026-12-03): configs whose runtime.engine
+    # resolves to graph are simulated on its timeline (tuner.engine_sim); None = not measured.
+    engine: EngineCosts | None = None
 
     @staticmethod
     def _interp(table, x: float) -> float:
@@ -93,8 +99,9 @@ class Costs:
         layer = tuple(zip(lt["tokens"].astype(int), lt["median_ms"].astype(float)))
         kernel = tuple(zip(kt["tokens"].astype(int), kt["median_ms"].astype(float)))
         host = profile.runtime_value("decode_layer_ms", default=max(layer[0][1], 0.05))
+        copy_ms = profile.copy_ms(bytes_per_expert)
         return cls(
-            copy_ms=profile.copy_ms(bytes_per_expert),
+            copy_ms=copy_ms, engine=EngineCosts.from_profile(profile, copy_ms),
             layer_ms=layer, kernel_ms=kernel, host_layer_ms=host,
             host_pre_fraction=profile.runtime_value("host_pre_fraction", default=0.6),
             sync_ms=profile.runtime_value("sync_ms", default=0.02),
@@ -161,6 +168,9 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
 
         raise DataError(f"trace has {trace.num_layers} layers x {trace.num_experts} experts but the config "
                         f"is for {config.model.num_moe_layers} x {config.model.num_experts}; profile this model")
+    if costs.engine is not None and resolved_engine(config) == "graph":
+        return _simulate_on_engine(trace, costs, config, schedule, prompt_tokens, max_decode_tokens,
+                                   quality_table)
     params = SchedulerParams.from_config(config)
     sched = Scheduler(params)
     if params.prefetch_depth > trace.lookahead:
@@ -288,6 +298,31 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
                                "decode_tokens": float(decode_tokens)})
 
 
+def _steps(trace, config, schedule, prompt_tokens, max_decode_tokens):
+    if schedule == "recorded":
+        return recorded_schedule(trace)
+    return decode_schedule(trace, prompt_tokens, config.memory.max_batch, max_decode_tokens)
+
+
+def _simulate_on_engine(trace, costs, config, schedule, prompt_tokens, max_decode_tokens,
+                        quality_table) -> SimResult:
+    """simulate() for a config that runs on the graph engine (tuner.engine_sim's timeline)."""
+    mem = config.memory
+    r = simulate_engine(trace, costs.engine, config, _steps(trace, config, schedule, prompt_tokens,
+                                                            max_decode_tokens), mem.bytes_per_expert)
+    sched = r.pop("sched")
+    peak = mem.non_expert_bytes + mem.kv_cache_bytes + mem.workspace_bytes + sched.num_slots * mem.bytes_per_expert
+    metrics = {k: float(r[k]) for k in ("decode_tokens_per_s", "prefill_ms", "stall_ms_per_token", "hit_rate",
+                                        "bytes_per_token", "activated_per_token", "dropped_mass_per_token",
+                                        "misses_per_token", "admitted_per_token")}
+    metrics.update(peak_gpu_bytes=float(peak), prefetch_precision=0.0)
+    metrics["quality_loss"] = quality_loss(config.adaptive_k.threshold, metrics["dropped_mass_per_token"],
+                                           quality_table)
+    return SimResult(metrics=metrics, counters=sched.counters, decode_counters=dict(sched.decode),
+                     timeline={"decode_ms": r["decode_ms"], "decode_tokens": r["decode_tokens"],
+                               "engine": 1.0})
+
+
 def _issue_copy(slot: int, H: float, C: float, issue_ms: float, copy_ms: float, slot_free: list,
                 slot_ready: list) -> tuple[float, float]:
     """The host issues one expert copy (issue_ms); the copy stream starts it when it is free and
@@ -302,25 +337,8 @@ def engine_decisions(trace: RoutingTrace, config, *, schedule: str = "decode", p
                      max_decode_tokens: int | None = None) -> EngineScheduler:
     """Replay `trace` through the graph engine's own one-step-behind decisions
     (expertflow.core.engine_cache.EngineScheduler) under `config`; the scheduler holds the
-    counters (hits, misses, read-through admissions, evictions) and its decode-only totals.
-
-    Adaptive-k is decided per row by the core's rule, dropped experts marked -1, as the engine's
-    device code does. The engine's timing model belongs to the simulator's timeline (issue: the
-    tuner on the graph engine); this is the decision replay both share.
-    """
-    params = SchedulerParams.from_config(config)
-    sched = EngineScheduler(params, config.cache.read_through_slots)
-    sched.warm_start_loads()
-    steps = (recorded_schedule(trace) if schedule == "recorded"
-             else decode_schedule(trace, prompt_tokens, config.memory.max_batch, max_decode_tokens))
-    for tok, kind in steps:
-        ids = trace.ids[tok].transpose(1, 0, 2)  # [L, T, k]
-        w = trace.weights[tok].transpose(1, 0, 2)
-        if params.threshold < 1.0:
-            keep, _, _ = decide(w, params.threshold, params.min_k, params.renormalize)
-            ids = np.where(keep, ids, -1)
-        sched.decide(ids, w, kind)
-    return sched
+    counters (hits, misses, read-through admissions, evictions) and its decode-only totals."""
+    return replay_engine(trace, config, _steps(trace, config, schedule, prompt_tokens, max_decode_tokens))
 
 
 def quality_loss(threshold: float, dropped_mass: float, table: dict[float, float] | None) -> float:
@@ -341,6 +359,11 @@ def whole_layer_offload(trace: RoutingTrace, costs: Costs, num_experts: int, byt
     (what accelerate's offload does), overlapping the copy of layer l+1 with compute of l."""
     steps = decode_schedule(trace, prompt_tokens, 1, max_decode_tokens)
     L = trace.num_layers
+    if costs.engine is not None:  # on the graph engine: the resident step plus every copy
+        ms = whole_layer_offload_ms(costs.engine, L, num_experts)
+        return {"decode_tokens_per_s": 1000.0 / ms, "hit_rate": 0.0,
+                "stall_ms_per_token": L * num_experts * costs.copy_ms,
+                "bytes_per_token": float(L * num_experts * bytes_per_expert)}
     layer_copy = num_experts * costs.copy_ms
     decode_time = 0.0
     n = 0

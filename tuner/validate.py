@@ -1,5 +1,10 @@
 """Validate predicted configs on the real runtime: measured beside predicted numbers.
 
+Each config runs on the executor it names (`runtime.engine`; auto = the graph engine on CUDA,
+measured by `measure_on_engine` on a fresh engine with its graphs captured before the clock
+starts, routing replayed inside the captured step by `expertflow.engine.EngineReplay`), or on
+the eager runtime (`measure_one`, routing replayed by `TraceReplay` below).
+
 `validate_configs(spec, configs, trace, device=...)` builds the model offloaded per config
 (`expertflow.runtime.loading.load_model`), decodes greedily (`greedy_generate`) and measures
 decode tokens/s, hit rate, stall ms/token, bytes/token, activated experts/token, prefetch
@@ -222,6 +227,59 @@ def measure_one(model, handle, spec, trace, *, device, replay: bool, prompt_toke
     return measured
 
 
+def measure_on_engine(model, engine, spec, trace, *, device, replay: bool, prompt_tokens: int,
+                      max_decode_tokens: int | None, prompt_ids=None) -> dict[str, float]:
+    """The decode workload on an attached graph engine (fresh: its decisions start from the warm
+    start, as the simulator's do), graphs captured before the clock starts; detaches it."""
+    import torch
+
+    from expertflow.engine import replay_generate
+
+    cuda = device.type == "cuda"
+    try:
+        if replay:
+            plan = replay_schedule(trace, prompt_tokens, max_decode_tokens)
+            engine.use_replay(max(len(r) for r, _ in plan))
+            engine.capture(1, max(len(r) for r, _ in plan) + 1)
+        else:
+            if prompt_ids is None:
+                g = torch.Generator().manual_seed(0)
+                prompt_ids = torch.randint(0, spec.vocab_size, (1, prompt_tokens), generator=g)
+            new = (max_decode_tokens or 64) + 1
+            engine.capture(1, prompt_ids.shape[1] + new)
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        engine.reset_stats()
+        if replay:
+            res = replay_generate(engine, trace, plan)
+            decode_s, prefill_s, n, prefills = res["decode_s"], res["prefill_s"], res["decode_tokens"], res["sequences"]
+        else:
+            out = engine.generate(prompt_ids, new)
+            decode_s, prefill_s, n, prefills = out.decode_s, out.prefill_s, out.new_tokens - 1, 1
+        dec = dict(engine.sched.decode)
+        activated = engine.counters.sums()["activated"]  # every step: the prefill rows too
+        measured = _engine_metrics(dec, decode_s, prefill_s, n, prefills, engine.store.expert_bytes)
+        measured["activated_all_steps"] = float(activated)
+        if cuda:
+            measured["peak_gpu_bytes"] = float(torch.cuda.max_memory_allocated(device))
+            measured["peak_reserved_bytes"] = float(torch.cuda.max_memory_reserved(device))
+        return measured
+    finally:
+        engine.detach()
+
+
+def _engine_metrics(dec: dict, decode_s: float, prefill_s: float, n: int, prefills: int, bpe: int) -> dict:
+    lookups = dec["hits"] + dec["misses"]
+    tokens = max(n, 1)
+    return {"decode_tokens_per_s": n / decode_s if decode_s > 0 else 0.0,
+            "prefill_ms": prefill_s * 1000.0 / max(prefills, 1),
+            "hit_rate": dec["hits"] / lookups if lookups else 1.0,
+            "hits": float(dec["hits"]), "misses": float(dec["misses"]),
+            "misses_per_token": dec["misses"] / tokens, "bytes_per_token": dec["misses"] * bpe / tokens,
+            "admitted_per_token": dec["admitted"] / tokens, "decode_tokens": float(n)}
+
+
 def validate_configs(spec, configs, trace=None, *, device: str = "cuda", max_new_tokens: int = 128,
                      prompt_tokens: int = 16, labels=None, predicted=None, costs=None,
                      replay: bool | None = None, force: bool = False, seed: int = 0,
@@ -306,21 +364,25 @@ def _device_name(dev) -> str:
 def _measure_config(spec, cfg, trace, dev, *, replay, prompt_tokens, max_decode_tokens, seed,
                     warmup_tokens, prompt_ids, cache: dict) -> dict[str, float]:
     """Attach `cfg` to the model (built once per validate_configs call, experts on the host;
-    later configs re-attach to it), warm up, attach afresh, measure, detach."""
+    later configs re-attach to it) on the executor it names (graph engine on CUDA by default,
+    or the eager runtime), warm up, measure, detach."""
     import torch
 
+    from expertflow.config import resolved_engine
     from expertflow.runtime.generate import greedy_generate
-    from expertflow.runtime.loading import load_model
+    from expertflow.runtime.loading import attach_executor, load_model
     from expertflow.runtime.offload import offload
 
-    # This measurement (TraceReplay hooks, the lean loop) is the eager runtime's; validating the
-    # graph engine's configs on the engine is the next issue's (the tuner on the graph engine).
-    cfg = cfg.with_values({"runtime.engine": "eager"})
+    on_engine = resolved_engine(cfg, dev.type) == "graph"
     if "model" not in cache:
         cache["model"], handle = load_model(str(spec.checkpoint or spec.name), cfg, device=str(dev), seed=seed)
     else:
-        handle = offload(cache["model"], cfg, device=str(dev))
+        handle = attach_executor(cache["model"], cfg, dev)
     model = cache["model"]
+    if on_engine:
+        return measure_on_engine(model, handle, spec, trace, device=dev, replay=replay,
+                                 prompt_tokens=prompt_tokens, max_decode_tokens=max_decode_tokens,
+                                 prompt_ids=prompt_ids)
     try:
         if warmup_tokens > 0:  # kernels, allocator and cuBLAS warm; then a fresh handle
             ids = torch.zeros((1, prompt_tokens), dtype=torch.long)

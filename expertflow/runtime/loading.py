@@ -166,10 +166,9 @@ def load_model(name_or_path: str, config=None, *, device: str | None = None,
 
 def engine_kind(config, device: torch.device) -> str:
     """The decode executor `config.runtime.engine` asks for on `device`: auto = graph on CUDA."""
-    kind = config.runtime.engine
-    if kind == "auto":
-        kind = "graph" if device.type == "cuda" else "eager"
-    return kind
+    from ..config import resolved_engine
+
+    return resolved_engine(config, device.type)
 
 
 def attach_executor(model: nn.Module, config, device: torch.device, *, record_trace: bool | None = None):

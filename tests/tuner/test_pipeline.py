@@ -191,6 +191,39 @@ def test_validate_configs_replays_the_trace_so_decisions_match_the_simulator(tin
     assert set(v["error"]) >= {"decode_tokens_per_s", "hit_rate"} and v["error"]["hit_rate"] == pytest.approx(0)
 
 
+def test_validate_on_the_graph_engine_measures_the_predicted_counts(tiny):
+    """A config that runs on the graph engine is validated on the engine (eagerly on CPU, routing
+    replayed inside its step): measured hits and misses equal the engine timeline's prediction."""
+    import dataclasses
+
+    from expertflow.budget import plan_memory
+    from expertflow.config import default_config
+    from expertflow.registry import resolve_model
+    from tuner.engine_sim import EngineCosts
+    from tuner.profile import Profile
+    from tuner.simulator import Costs
+    from tuner.validate import validate_configs
+
+    prof = Profile.load(tiny[0])
+    spec = resolve_model(MODEL)
+    plan = plan_memory(spec, "1GB", max_context_tokens=512, dtype="float32")
+    base = default_config(spec, plan, priors=prof.priors(), device="cpu", dtype="float32")
+    costs = dataclasses.replace(Costs.from_profile(prof, plan.bytes_per_expert, spec.num_layers), engine=EngineCosts(
+        layer_ms=((1, 0.5),), overhead_ms=((1, 0.1),), kernel=((1, 1, 0, 0.2), (1, 0, 1, 1.0), (1, 2, 0, 0.3)),
+        host_layer_ms=0.0, prefill_layer_ms_per_token=0.01, copy_ms=1.0))
+    cfgs = [base.with_values({"cache.capacity_experts": cap, "cache.policy": pol, "runtime.engine": "graph",
+                              "cache.read_through_slots": rt, "adaptive_k.threshold": thr})
+            for cap, pol, rt, thr in ((10, "lru", 1, 1.0), (12, "lfu", 0, 0.8))]
+    res = validate_configs(spec, cfgs, prof.trace, device="cpu", force=True, max_new_tokens=30, costs=costs)
+    for v in res:
+        m, p = v["measured"], v["predicted"]
+        assert m["decode_tokens"] == 30
+        assert m["misses_per_token"] > 0
+        for key in ("hit_rate", "misses_per_token", "bytes_per_token", "admitted_per_token"):
+            assert m[key] == pytest.approx(p[key]), key
+    assert res[0]["measured"]["admitted_per_token"] > 0 and res[1]["measured"]["admitted_per_token"] == 0
+
+
 def test_without_a_profile_the_profiler_runs_and_says_where_timing_came_from(tiny, tmp_path, capsys):
     """No --profile: ef-tune runs the profiler into out/profile. On a machine without a GPU it
     takes the bundled h200 tables, and for a model they do not cover (tiny-*) it measures this

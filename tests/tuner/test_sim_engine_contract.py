@@ -15,8 +15,16 @@ from expertflow.registry import resolve_model
 from expertflow.runtime.generate import greedy_generate
 from expertflow.runtime.loading import build_model
 from expertflow.runtime.offload import offload
-from tuner.simulator import engine_decisions
+from tuner.engine_sim import EngineCosts
+from tuner.simulator import Costs, engine_decisions, simulate
 from tuner.validate import replay_schedule
+
+
+# any positive costs: the counts under test do not depend on them
+COSTS = Costs(copy_ms=1.0, layer_ms=((1, 0.5),), kernel_ms=((1, 0.25),), host_layer_ms=1.0,
+              engine=EngineCosts(layer_ms=((1, 0.5),), overhead_ms=((1, 0.1),), host_layer_ms=0.0,
+                                 kernel=((1, 1, 0, 0.2), (1, 0, 1, 1.0), (1, 2, 0, 0.3)),
+                                 prefill_layer_ms_per_token=0.01, copy_ms=1.0))
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen2-moe", "tiny-mixtral"])
@@ -51,6 +59,12 @@ def test_engine_counts_equal_simulator(name):
         sim = engine_decisions(trace, cfg, prompt_tokens=prompt, max_decode_tokens=decode_tokens)
         assert sim.counters.decision_counts() == engine, (cap, policy, threshold, scope, staging)
         assert sim.decode == engine_decode, (cap, policy, threshold, scope, staging)
+        # the timeline the tuner ranks by sees the engine's own decode counts
+        pred = simulate(trace, COSTS, cfg.with_values({"runtime.engine": "graph"}), prompt_tokens=prompt,
+                        max_decode_tokens=decode_tokens).metrics
+        lookups = engine_decode["hits"] + engine_decode["misses"]
+        assert pred["hit_rate"] == pytest.approx(engine_decode["hits"] / lookups)
+        assert pred["misses_per_token"] == pytest.approx(engine_decode["misses"] / engine_decode["tokens"])
         checked += 1
         admitted += sum(engine["demand_loads"])
     assert len(seen) == 3 + 4 + 2 + 2 + 3  # every value of every axis was checked

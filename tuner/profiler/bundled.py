@@ -7,6 +7,7 @@ Layout (written by bench/bundle_hardware.py on the GPU machine):
         hardware.yaml       name, model, fingerprint, dtype, bytes_per_expert, hardware {...},
                             timing {kind, note}, summary {...}, created_at, tool_version
         transfer.parquet  kernel.parquet  layer.parquet  runtime.parquet   (tuner/profile.py)
+        engine.parquet    (the graph engine's experts kernel; GPU bundles made since 2026-12-03)
 
 Tables are keyed by alias and checked against the model's dims fingerprint; a checkpoint
 directory whose fingerprint equals an alias's uses that alias's tables.
@@ -24,7 +25,8 @@ import yaml
 from expertflow.errors import DataError
 from expertflow.registry import ModelSpec
 
-TIMING_TABLES = ("transfer", "kernel", "layer", "runtime")
+TIMING_TABLES = ("transfer", "kernel", "layer", "runtime", "engine")
+OPTIONAL_TABLES = ("engine",)  # GPU bundles only: the graph engine's experts kernel
 ROOT_ENV = "EXPERTFLOW_HARDWARE_DIR"  # override of the bundle root (tests, custom bundles)
 
 
@@ -87,6 +89,8 @@ def load_bundled(name: str, spec: ModelSpec, root: Path | None = None) -> tuple[
     tables = {}
     for t in TIMING_TABLES:
         f = d / f"{t}.parquet"
+        if t in OPTIONAL_TABLES and not f.exists():
+            continue
         try:
             tables[t] = pd.read_parquet(f)
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several unrelated types for bad files
@@ -109,6 +113,8 @@ def save_bundled(name: str, alias: str, *, fingerprint: str, dtype: str, bytes_p
     d = (root or hardware_root()) / name / alias
     d.mkdir(parents=True, exist_ok=True)
     for t in TIMING_TABLES:
+        if t not in tables:
+            continue
         with atomic_path(d / f"{t}.parquet") as tmp:
             tables[t].to_parquet(tmp, index=False)
     meta = {"name": name, "model": alias, "fingerprint": fingerprint, "dtype": dtype,

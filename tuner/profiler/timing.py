@@ -33,7 +33,6 @@ DeepSeek; decoder_sparse_step/mlp_only_layers reset so every kept layer is MoE).
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import time
 from collections.abc import Callable
@@ -46,6 +45,8 @@ import torch
 from expertflow.registry import ModelSpec
 
 from ..progress import NULL, Reporter
+from .engine_timing import measure_engine
+from .reduced import build_random, free_memory, reduced_spec, timing_depths
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,6 @@ KERNEL_TOKENS_QUICK = (1, 4, 16, 64, 256, 1024)
 LAYER_TOKENS = tuple(2 ** i for i in range(10))  # 1..512
 LAYER_TOKENS_QUICK = (1, 8, 64, 512)
 NULL_BACKEND = "expertflow_profile_null"
-REDUCED_HOST_BYTES = 8 * GIB  # cap on the host store of the deeper reduced model
 
 
 @dataclasses.dataclass
@@ -185,38 +185,6 @@ def measure_big_copy_gbps(dev: torch.device, nbytes: int = GIB, reps: int = 3) -
     return float(nbytes / (np.median(t) * 1e6))
 
 
-# ---- reduced-depth models --------------------------------------------------------------------
-def reduced_spec(spec: ModelSpec, moe_layers: int) -> ModelSpec:
-    """`spec` with only `moe_layers` MoE decoder layers (real dims, random weights)."""
-    cfg = dict(spec.config)
-    dense = 0
-    if spec.architecture == "deepseek_v2":
-        dense = int(cfg.get("first_k_dense_replace", 0) or 0)
-    else:
-        cfg["decoder_sparse_step"] = 1
-        cfg["mlp_only_layers"] = []
-    n = dense + moe_layers
-    cfg["num_hidden_layers"] = n
-    if isinstance(cfg.get("layer_types"), list):
-        cfg["layer_types"] = (cfg["layer_types"] * n)[:n]
-    return dataclasses.replace(spec, name=f"{spec.name}[{moe_layers} MoE layers]", config=cfg,
-                               checkpoint=None, has_weights=False)
-
-
-def timing_depths(spec: ModelSpec, dtype: str) -> tuple[int, int]:
-    """MoE depths of the two reduced models (the deeper one's experts must fit the host cap)."""
-    per_layer = spec.bytes_per_expert(dtype) * spec.num_experts
-    deep = 3 if 3 * per_layer <= REDUCED_HOST_BYTES else 2
-    return 1, deep
-
-
-def _build(spec: ModelSpec, dev: torch.device, dtype: str, seed: int):
-    from expertflow.runtime.loading import build_model
-
-    return build_model(spec, device=dev, dtype=dtype, seed=seed, experts_on_host=True,
-                       pin_memory=dev.type == "cuda")
-
-
 def _attach(model, spec: ModelSpec, dev: torch.device, dtype: str, **values):
     """The real runtime with every expert resident (warm start from uniform priors); `values`
     override dotted config keys (e.g. prefetch.depth to time the predictor's host cost)."""
@@ -229,12 +197,6 @@ def _attach(model, spec: ModelSpec, dev: torch.device, dtype: str, **values):
     config = default_config(spec, plan, priors=priors, device=str(dev), dtype=dtype).with_values(
         {"prefetch.depth": 0, "cache.warm_start": True, "runtime.record_trace": False, **values})
     return offload(model, config, device=str(dev), record_trace=False)
-
-
-def _free(dev: torch.device) -> None:
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # ---- layer, kernel, decode -------------------------------------------------------------------
@@ -373,12 +335,12 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
     if pinned_1gib_gbps is None:
         pinned_1gib_gbps = measure_big_copy_gbps(dev, GIB, reps=2 if quick else 3)
     runtime: dict[str, float] = {"pinned_1gib_gbps": pinned_1gib_gbps}
-    _free(dev)
+    free_memory(dev)
 
     small, deep = timing_depths(spec, dtype)
     decode_steps = (6 if quick else 24) if cuda else (3 if quick else 8)
     task = progress.task("runtime decode step", 2)
-    model = _build(reduced_spec(spec, small), dev, dtype, seed)
+    model = build_random(reduced_spec(spec, small), dev, dtype, seed)
     layer = measure_layer(model, dev, LAYER_TOKENS_QUICK if quick else LAYER_TOKENS, reps=reps,
                           progress=progress)
     handle = _attach(model, reduced_spec(spec, small), dev, dtype)
@@ -391,8 +353,8 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
         runtime["load_issue_ms"] = measure_load_issue_ms(handle, dev, reps=10 if quick else 30)
     handle.detach()
     del handle, model
-    _free(dev)
-    model = _build(reduced_spec(spec, deep), dev, dtype, seed)
+    free_memory(dev)
+    model = build_random(reduced_spec(spec, deep), dev, dtype, seed)
     handle = _attach(model, reduced_spec(spec, deep), dev, dtype)
     step_deep = measure_decode_step_ms(model, spec.vocab_size, dev, steps=decode_steps, seed=seed)
     task.advance()
@@ -407,8 +369,13 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
         handle.detach()
         extras[name] = max(0.0, (step - step_deep) / deep)
     del handle, model
-    _free(dev)
+    free_memory(dev)
 
+    tables_engine = None
+    if cuda:  # the graph engine (runtime.engine auto = graph on CUDA): its own step and kernel
+        engine_values, tables_engine = measure_engine(spec, device=dev, dtype=dtype, quick=quick,
+                                                      seed=seed, progress=progress)
+        runtime.update(engine_values)
     slope = (step_deep - step_small) / (deep - small)
     if slope <= 0:  # noise swamped the difference: fall back to the deeper model's average
         log.warning("decode step did not grow with depth (%.3f ms at %d MoE layers, %.3f ms at %d); "
@@ -429,7 +396,10 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
         note = ("measured on this machine's CPU (no GPU used): copies are host memcpy, kernel and "
                 "layer times are CPU times; not representative of a GPU. Tune for a GPU with "
                 "--hardware h200 or profile on the GPU machine")
-    return TimingResult({"transfer": transfer, "kernel": kernel, "layer": layer, "runtime": rt}, kind, note)
+    tables = {"transfer": transfer, "kernel": kernel, "layer": layer, "runtime": rt}
+    if tables_engine is not None:
+        tables["engine"] = tables_engine
+    return TimingResult(tables, kind, note)
 
 
 def timing_summary(tables: dict[str, pd.DataFrame], bytes_per_expert: int) -> dict:

@@ -180,6 +180,17 @@ class SearchSpace:
         return SearchSpace(params, self.source, self.description, self.version,
                            self.notes + (f"{key}: {note}",))
 
+    def without(self, keys, note: str) -> SearchSpace:
+        """A copy without `keys` (and the parameters sampled only `when` one of them is set):
+        knobs the target executor does not have, e.g. prefetch on the graph engine."""
+        drop = {k for k in keys if k in self.params}
+        if not drop:
+            return self
+        drop |= {k for k, p in self.params.items() if {w for w, _ in p.when} & drop}
+        params = {k: p for k, p in self.params.items() if k not in drop}
+        return SearchSpace(params, self.source, self.description, self.version,
+                           self.notes + (f"{', '.join(sorted(drop))}: {note}",))
+
     def defaults_from(self, config) -> dict[str, Any]:
         """The values `config` has for the active parameters of this space (for enqueueing).
 
