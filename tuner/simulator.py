@@ -36,9 +36,10 @@ from expertflow.core import Scheduler, SchedulerParams
 from expertflow.core.adaptive_k import decide
 from expertflow.core.counters import Counters
 from expertflow.core.engine_cache import EngineScheduler
-from expertflow.trace import DECODE, PREFILL, RoutingTrace
+from expertflow.trace import DECODE, RoutingTrace
 
 from .engine_sim import EngineCosts, replay_engine, simulate_engine, whole_layer_offload_ms
+from .schedule import decode_schedule, recorded_schedule, schedule_steps  # noqa: F401 - re-exported
 
 METRIC_KEYS = ("decode_tokens_per_s", "prefill_ms", "stall_ms_per_token", "hit_rate",
                "bytes_per_token", "peak_gpu_bytes", "activated_per_token",
@@ -122,39 +123,6 @@ class SimResult:
     timeline: dict[str, float] = field(default_factory=dict)
 
 
-def decode_schedule(trace: RoutingTrace, prompt_tokens: int = 16, batch: int = 1,
-                    max_decode_tokens: int | None = None) -> list[tuple[np.ndarray, int]]:
-    """Re-batch a trace as serving would run it: per group of `batch` sequences, one prefill
-    step of their first `prompt_tokens` tokens, then one decode step per position.
-
-    Valid because a causal LM routes a token identically in prefill and in decode. Returns
-    [(token indices [T], kind)].
-    """
-    steps: list[tuple[np.ndarray, int]] = []
-    order = np.lexsort((trace.pos, trace.seq))
-    seqs = trace.seq[order]
-    bounds = np.flatnonzero(np.diff(seqs)) + 1
-    groups = np.split(order, bounds)
-    decoded = 0
-    for g0 in range(0, len(groups), batch):
-        group = groups[g0:g0 + batch]
-        p = min(prompt_tokens, min(len(g) for g in group) - 1)
-        if p < 1:
-            continue
-        steps.append((np.concatenate([g[:p] for g in group]), PREFILL))
-        n = min(len(g) for g in group)
-        for i in range(p, n):
-            steps.append((np.array([g[i] for g in group]), DECODE))
-            decoded += len(group)
-            if max_decode_tokens is not None and decoded >= max_decode_tokens:
-                return steps
-    return steps
-
-
-def recorded_schedule(trace: RoutingTrace) -> list[tuple[np.ndarray, int]]:
-    return [(np.arange(s.start, s.stop), kind) for s, kind in trace.step_slices()]
-
-
 def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "decode",
              prompt_tokens: int = 16, max_decode_tokens: int | None = None,
              quality_table: dict[float, float] | None = None) -> SimResult:
@@ -177,8 +145,7 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
         params_depth = trace.lookahead
     else:
         params_depth = params.prefetch_depth
-    steps = (recorded_schedule(trace) if schedule == "recorded"
-             else decode_schedule(trace, prompt_tokens, config.memory.max_batch, max_decode_tokens))
+    steps = schedule_steps(trace, config, schedule, prompt_tokens, max_decode_tokens)
     L = trace.num_layers
     nslots = sched.num_slots
     slot_free = [0.0] * nslots  # GPU time the slot's last reader finishes
@@ -298,18 +265,12 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
                                "decode_tokens": float(decode_tokens)})
 
 
-def _steps(trace, config, schedule, prompt_tokens, max_decode_tokens):
-    if schedule == "recorded":
-        return recorded_schedule(trace)
-    return decode_schedule(trace, prompt_tokens, config.memory.max_batch, max_decode_tokens)
-
-
 def _simulate_on_engine(trace, costs, config, schedule, prompt_tokens, max_decode_tokens,
                         quality_table) -> SimResult:
     """simulate() for a config that runs on the graph engine (tuner.engine_sim's timeline)."""
     mem = config.memory
-    r = simulate_engine(trace, costs.engine, config, _steps(trace, config, schedule, prompt_tokens,
-                                                            max_decode_tokens), mem.bytes_per_expert)
+    r = simulate_engine(trace, costs.engine, config, schedule_steps(trace, config, schedule, prompt_tokens,
+                                                                     max_decode_tokens), mem.bytes_per_expert)
     sched = r.pop("sched")
     peak = mem.non_expert_bytes + mem.kv_cache_bytes + mem.workspace_bytes + sched.num_slots * mem.bytes_per_expert
     metrics = {k: float(r[k]) for k in ("decode_tokens_per_s", "prefill_ms", "stall_ms_per_token", "hit_rate",
@@ -338,7 +299,7 @@ def engine_decisions(trace: RoutingTrace, config, *, schedule: str = "decode", p
     """Replay `trace` through the graph engine's own one-step-behind decisions
     (expertflow.core.engine_cache.EngineScheduler) under `config`; the scheduler holds the
     counters (hits, misses, read-through admissions, evictions) and its decode-only totals."""
-    return replay_engine(trace, config, _steps(trace, config, schedule, prompt_tokens, max_decode_tokens))
+    return replay_engine(trace, config, schedule_steps(trace, config, schedule, prompt_tokens, max_decode_tokens))
 
 
 def quality_loss(threshold: float, dropped_mass: float, table: dict[float, float] | None) -> float:

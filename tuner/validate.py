@@ -34,6 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from .schedule import sequences
+from .simulator import simulate
+
 log = logging.getLogger(__name__)
 
 COMPARED = ("decode_tokens_per_s", "prefill_ms", "stall_ms_per_token", "hit_rate", "bytes_per_token",
@@ -52,24 +55,9 @@ def relative_errors(predicted: dict[str, float], measured: dict[str, float]) -> 
 
 
 def replay_schedule(trace, prompt_tokens: int, max_decode_tokens: int | None) -> list[tuple[np.ndarray, int]]:
-    """Per sequence: (trace token rows [n] in position order, prefill length): the sequences the
-    simulator's decode schedule walks through, cut after `max_decode_tokens` decode tokens."""
-    order = np.lexsort((trace.pos, trace.seq))
-    seqs = trace.seq[order]
-    groups = np.split(order, np.flatnonzero(np.diff(seqs)) + 1)
-    out, decoded = [], 0
-    for g in groups:
-        p = min(prompt_tokens, len(g) - 1)
-        if p < 1:
-            continue
-        n = len(g) - p
-        if max_decode_tokens is not None:
-            n = min(n, max_decode_tokens - decoded)
-        if n <= 0:
-            break
-        out.append((g[:p + n], p))
-        decoded += n
-    return out
+    """Per sequence: (trace token rows [n] in position order, prefill length): the simulator's
+    own schedule (tuner.simulator.sequences), cut after `max_decode_tokens` decode tokens."""
+    return sequences(trace, prompt_tokens, max_decode_tokens)
 
 
 class TraceReplay:
@@ -325,7 +313,6 @@ def validate_configs(spec, configs, trace=None, *, device: str = "cuda", max_new
                                    max_decode_tokens=max_new_tokens, seed=seed,
                                    warmup_tokens=warmup_tokens, prompt_ids=prompt_ids, cache=cache)
         if pred is None and costs is not None and trace is not None:
-            from tuner.simulator import simulate
 
             sim_trace = _as_replayed(trace, cache.get("model")) if replay else trace
             pred = simulate(sim_trace, costs, cfg, prompt_tokens=prompt_tokens,
