@@ -150,13 +150,14 @@ if triton is not None:
         tl.store(out_ptr + t * H + rows, total.to(dtype), mask=rmask)
 
     @triton.jit
-    def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, N, eps, BLOCK: tl.constexpr):
-        """transformers' RMSNorm: weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype), per row."""
+    def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, N, XS, eps, BLOCK: tl.constexpr):
+        """transformers' RMSNorm: weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype), per row
+        (rows XS elements apart in x, N apart in out)."""
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         m = offs < N
         dtype = out_ptr.dtype.element_ty
-        x = tl.load(x_ptr + row * N + offs, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * XS + offs, mask=m, other=0.0).to(tl.float32)
         var = tl.sum(x * x, axis=0) / N
         y = (x * tl.math.rsqrt(var + eps)).to(x_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -164,14 +165,31 @@ if triton is not None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """One-kernel RMSNorm over the last dim, the same formula as transformers' *RMSNorm."""
+    """One-kernel RMSNorm over the last dim, the same formula as transformers' *RMSNorm. Rows one
+    stride apart (a slice of a fused projection) are read in place; other layouts are copied."""
     N = x.shape[-1]
-    xc = x.contiguous()
+    layout = row_layout(x)
+    if layout is None:
+        x = x.contiguous()
+        layout = (x.numel() // N, N)
+    rows, xs = layout
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    rows = xc.numel() // N
-    _rmsnorm_kernel[(rows,)](xc, weight, out, N, eps, BLOCK=_next_pow2(N), num_warps=4 if N <= 4096 else 8)
+    _rmsnorm_kernel[(rows,)](x, weight, out, N, xs, eps, BLOCK=_next_pow2(N), num_warps=4 if N <= 4096 else 8)
     return out
+
+
+def row_layout(x: torch.Tensor) -> tuple[int, int] | None:
+    """(rows, row stride) of x seen as [rows, N] with unit stride along N, without a copy, or None
+    where its rows are not one stride apart."""
+    if x.dim() == 0 or x.numel() == 0 or (x.stride(-1) != 1 and x.shape[-1] != 1):
+        return None
+    N = x.shape[-1]
+    lead = [(n, s) for n, s in zip(x.shape[:-1], x.stride()[:-1]) if n != 1]
+    for (_, s_out), (n_in, s_in) in zip(lead, lead[1:]):
+        if s_out != n_in * s_in:
+            return None
+    return x.numel() // N, (lead[-1][1] if lead else N)
 
 
 def _next_pow2(n: int) -> int:

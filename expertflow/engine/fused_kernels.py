@@ -1,0 +1,184 @@
+"""Small Triton kernels that replace chains of elementwise torch ops in the decode step, each with
+torch's arithmetic: the same roundings to the tensor's dtype after every op that torch rounds.
+
+* `rotary(q, k, cos, sin)`: transformers' `apply_rotary_pos_emb` (q*cos + rotate_half(q)*sin, and
+  the same for k: ten kernels) in one kernel.
+* `silu_mul(g, u)`: `silu(g) * u` (the gated MLP's two kernels) in one.
+* `gated_add(e, g, s)`: `e + sigmoid(g) * s` (Qwen2-MoE's shared-expert gate: three kernels) in one.
+
+Exactness on the GPU: products and sums are IEEE round-to-nearest with no contraction into FMAs
+(`enable_fp_fusion=False`), exp is libdevice's expf and division is div.rn, as torch's CUDA kernels
+compute them (in float32, "opmath", rounded to the dtype after each op). Under Triton's CPU
+interpreter (TRITON_INTERPRET=1, how CI runs them) exp is numpy's, and float32 -> bfloat16 casts
+truncate instead of rounding (see tests/engine/test_kernels.py).
+
+Every wrapper takes strided inputs (slices of a fused GEMM's output) without copying them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import _next_pow2, interpreter_on, row_layout, tl, triton
+
+if triton is not None:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _exp(x, LIBDEVICE: tl.constexpr):
+        if LIBDEVICE:
+            return libdevice.exp(x)
+        return tl.exp(x)
+
+    @triton.jit
+    def _rope_rows(x_ptr, c_ptr, s_ptr, o_ptr, r, A1, A2, xs0, xs1, xs2, xs3, cs0, cs1, cs2, cs3,
+                   os0, os1, os2, os3, D: tl.constexpr, BLOCK: tl.constexpr):
+        """Row r of x [A0, A1, A2, D]: round(round(x*cos) + round(rotate_half(x)*sin))."""
+        i2 = r % A2
+        i1 = (r // A2) % A1
+        i0 = r // (A2 * A1)
+        dt = o_ptr.dtype.element_ty
+        d = tl.arange(0, BLOCK)
+        m = d < D
+        half = D // 2
+        partner = tl.where(d < half, d + half, d - half)
+        xb = x_ptr + i0 * xs0 + i1 * xs1 + i2 * xs2
+        x = tl.load(xb + d * xs3, mask=m, other=0.0).to(tl.float32)
+        xp = tl.load(xb + partner * xs3, mask=m, other=0.0).to(tl.float32)
+        rot = tl.where(d < half, -xp, xp)
+        cb = i0 * cs0 + i1 * cs1 + i2 * cs2 + d * cs3
+        c = tl.load(c_ptr + cb, mask=m, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + cb, mask=m, other=0.0).to(tl.float32)
+        a = (x * c).to(dt).to(tl.float32)
+        b = (rot * s).to(dt).to(tl.float32)
+        tl.store(o_ptr + i0 * os0 + i1 * os1 + i2 * os2 + d * os3, (a + b).to(dt), mask=m)
+
+    @triton.jit
+    def _rotary_kernel(q_ptr, k_ptr, cq_ptr, sq_ptr, ck_ptr, sk_ptr, qo_ptr, ko_ptr, RQ,
+                       qa1, qa2, qs0, qs1, qs2, qs3, qcs0, qcs1, qcs2, qcs3, qos0, qos1, qos2, qos3,
+                       ka1, ka2, ks0, ks1, ks2, ks3, kcs0, kcs1, kcs2, kcs3, kos0, kos1, kos2, kos3,
+                       D: tl.constexpr, BLOCK: tl.constexpr):
+        r = tl.program_id(0)
+        if r < RQ:
+            _rope_rows(q_ptr, cq_ptr, sq_ptr, qo_ptr, r, qa1, qa2, qs0, qs1, qs2, qs3,
+                       qcs0, qcs1, qcs2, qcs3, qos0, qos1, qos2, qos3, D, BLOCK)
+        else:
+            _rope_rows(k_ptr, ck_ptr, sk_ptr, ko_ptr, r - RQ, ka1, ka2, ks0, ks1, ks2, ks3,
+                       kcs0, kcs1, kcs2, kcs3, kos0, kos1, kos2, kos3, D, BLOCK)
+
+    @triton.jit
+    def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, N, gs, us, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+        """o[t] = round(round(g / (1 + exp(-g))) * u), torch's silu then mul."""
+        t = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < N
+        dt = o_ptr.dtype.element_ty
+        g = tl.load(g_ptr + t * gs + offs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + t * us + offs, mask=m, other=0.0).to(tl.float32)
+        a = tl.math.div_rn(g, 1.0 + _exp(-g, LIBDEVICE)).to(dt).to(tl.float32)
+        tl.store(o_ptr + t * N + offs, (a * u).to(dt), mask=m)
+
+    @triton.jit
+    def _gated_add_kernel(e_ptr, g_ptr, s_ptr, o_ptr, N, es, gs, ss, LIBDEVICE: tl.constexpr,
+                          BLOCK: tl.constexpr):
+        """o[t] = round(e + round(round(1 / (1 + exp(-g[t]))) * s)), torch's sigmoid, mul, add."""
+        t = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < N
+        dt = o_ptr.dtype.element_ty
+        g = tl.load(g_ptr + t * gs).to(tl.float32)
+        sig = tl.math.div_rn(1.0, 1.0 + _exp(-g, LIBDEVICE)).to(dt).to(tl.float32)
+        s = tl.load(s_ptr + t * ss + offs, mask=m, other=0.0).to(tl.float32)
+        e = tl.load(e_ptr + t * es + offs, mask=m, other=0.0).to(tl.float32)
+        p = (sig * s).to(dt).to(tl.float32)
+        tl.store(o_ptr + t * N + offs, (e + p).to(dt), mask=m)
+
+
+_ELEMENTWISE_BLOCK = 1024
+
+
+def _launch_opts() -> dict:
+    return {"num_warps": 4, "enable_fp_fusion": False}
+
+
+def _strides4(t: torch.Tensor) -> list[int]:
+    return list(t.stride())
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1,
+           out_strides: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim) in one kernel, or None where the call is
+    not the standard one this kernel computes (then the caller runs transformers' own).
+    `out_strides`: the (q, k) output strides (default: empty_like's)."""
+    if not _rotary_fits(q, k, cos, sin):
+        return None
+    try:
+        cq = cos.unsqueeze(unsqueeze_dim).expand(q.shape)
+        sq = sin.unsqueeze(unsqueeze_dim).expand(q.shape)
+        ck = cos.unsqueeze(unsqueeze_dim).expand(k.shape)
+        sk = sin.unsqueeze(unsqueeze_dim).expand(k.shape)
+    except RuntimeError:  # shapes that do not broadcast the standard way
+        return None
+    if cq.stride() != sq.stride() or ck.stride() != sk.stride():
+        return None
+    if out_strides is None:
+        qo, ko = torch.empty_like(q), torch.empty_like(k)
+    else:
+        qo = torch.empty_strided(q.shape, out_strides[0], dtype=q.dtype, device=q.device)
+        ko = torch.empty_strided(k.shape, out_strides[1], dtype=k.dtype, device=k.device)
+    D = q.shape[-1]
+    rq = q.numel() // D
+    rk = k.numel() // D
+    _rotary_kernel[(rq + rk,)](
+        q, k, cq, sq, ck, sk, qo, ko, rq,
+        q.shape[1], q.shape[2], *_strides4(q), *_strides4(cq), *_strides4(qo),
+        k.shape[1], k.shape[2], *_strides4(k), *_strides4(ck), *_strides4(ko),
+        D=D, BLOCK=_next_pow2(D), **_launch_opts())
+    return qo, ko
+
+
+def _rotary_fits(q, k, cos, sin) -> bool:
+    tensors = (q, k, cos, sin)
+    if triton is None or not all(isinstance(t, torch.Tensor) for t in tensors):
+        return False
+    if q.dim() != 4 or k.dim() != 4 or q.shape[-1] != k.shape[-1] or q.shape[-1] % 2:
+        return False
+    if cos.shape != sin.shape or cos.shape[-1] != q.shape[-1]:  # partial rotary: not this formula
+        return False
+    if len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
+        return False  # mixed dtypes promote in torch; keep torch's own arithmetic there
+    return q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.numel() > 0 and k.numel() > 0
+
+
+def _pointwise_fits(*ts: torch.Tensor) -> bool:
+    if triton is None or len({t.dtype for t in ts}) != 1 or len({t.device for t in ts}) != 1:
+        return False
+    return ts[0].dtype in (torch.float32, torch.float16, torch.bfloat16) and ts[0].numel() > 0
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
+    """silu(g) * u in one kernel (g, u [..., N], same shape), or None (the caller runs torch's)."""
+    rg, ru = row_layout(g), row_layout(u)
+    if g.shape != u.shape or rg is None or ru is None or not _pointwise_fits(g, u):
+        return None
+    (T, gs), (_, us) = rg, ru
+    N = g.shape[-1]
+    out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    _silu_mul_kernel[(T, triton.cdiv(N, _ELEMENTWISE_BLOCK))](
+        g, u, out, N, gs, us, LIBDEVICE=not interpreter_on(), BLOCK=_ELEMENTWISE_BLOCK, **_launch_opts())
+    return out
+
+
+def gated_add(e: torch.Tensor, g: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
+    """e + sigmoid(g) * s in one kernel (e, s [..., N]; g [..., 1]), or None (torch's then)."""
+    re_, rg, rs = row_layout(e), row_layout(g), row_layout(s)
+    if e.shape != s.shape or g.shape != (*e.shape[:-1], 1) or None in (re_, rg, rs) \
+            or not _pointwise_fits(e, g, s):
+        return None
+    (T, es), (_, gs), (_, ss) = re_, rg, rs
+    N = e.shape[-1]
+    out = torch.empty(e.shape, dtype=e.dtype, device=e.device)
+    _gated_add_kernel[(T, triton.cdiv(N, _ELEMENTWISE_BLOCK))](
+        e, g, s, out, N, es, gs, ss, LIBDEVICE=not interpreter_on(), BLOCK=_ELEMENTWISE_BLOCK,
+        **_launch_opts())
+    return out
