@@ -2,11 +2,14 @@
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from expertflow.core.engine_cache import staging_ranks
-from expertflow.engine.kernels import experts_reference, experts_through_table
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's expertflow
+
+from expertflow.core.engine_cache import staging_ranks  # noqa: E402
+from expertflow.engine.kernels import experts_reference, experts_through_table  # noqa: E402
 
 
 def main(dtype_name, T, K, seed, *flags):
