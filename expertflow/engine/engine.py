@@ -124,7 +124,7 @@ class GraphEngine(AbstractContextManager):
         dev, L, k = self.device, self.L, self.k
         max_len = self.config.memory.max_context_tokens
         self.max_len = max_len
-        self.kv = StaticKV(B, max_len, dev, self.store.dtype)
+        self.kv = StaticKV(B, max_len, dev, self.store.dtype, self.fusions.kv_write)
         self.positions = torch.zeros(1, dtype=torch.long, device=dev)  # decode position (static)
         self.kv.positions = self.positions
         self.tok = torch.zeros((B, 1), dtype=torch.long, device=dev)
@@ -164,12 +164,14 @@ class GraphEngine(AbstractContextManager):
             self._prefill_ids[m].append(ids.cpu().numpy())
             self._prefill_w[m].append(w_router.float().cpu().numpy())
             return self._experts_eager(m, h, ids, w, stage_writes=False)
-        self.step_ids[m].copy_(ids.view(self.batch, self.k))
-        self.step_w[m].copy_(w_router.view(self.batch, self.k))
+        record = (self.step_ids[m], self.step_w[m], w_router) if self.fusions.record else None
+        if record is None:  # else the kernel writes them, without two copy kernels
+            self.step_ids[m].copy_(ids.view(self.batch, self.k))
+            self.step_w[m].copy_(w_router.view(self.batch, self.k))
         if self.kernel == "triton":
             p = self._parity
-            return kernels.experts_through_table(h, ids, w, m, self.gu_table, self.dn_table,
-                                                 self.stage_gu[p], self.stage_dn[p], self.spans, self.I)
+            return kernels.experts_through_table(h, ids, w, m, self.gu_table, self.dn_table, self.stage_gu[p],
+                                                 self.stage_dn[p], self.spans, self.I, record=record)
         return self._experts_eager(m, h, ids, w, stage_writes=True)
 
     def _experts_eager(self, m: int, h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,

@@ -5,6 +5,7 @@ torch's arithmetic: the same roundings to the tensor's dtype after every op that
   the same for k: ten kernels) in one kernel.
 * `silu_mul(g, u)`: `silu(g) * u` (the gated MLP's two kernels) in one.
 * `gated_add(e, g, s)`: `e + sigmoid(g) * s` (Qwen2-MoE's shared-expert gate: three kernels) in one.
+* `kv_write(k_buf, v_buf, key, value, positions)`: the static KV cache's two index_copy_ in one.
 
 Exactness on the GPU: products and sums are IEEE round-to-nearest with no contraction into FMAs
 (`enable_fp_fusion=False`), exp is libdevice's expf and division is div.rn, as torch's CUDA kernels
@@ -92,6 +93,30 @@ if triton is not None:
         e = tl.load(e_ptr + t * es + offs, mask=m, other=0.0).to(tl.float32)
         p = (sig * s).to(dt).to(tl.float32)
         tl.store(o_ptr + t * N + offs, (e + p).to(dt), mask=m)
+
+    @triton.jit
+    def _kv_row(x_ptr, buf_ptr, pos_ptr, r, A1, A2, xs0, xs1, xs2, xs3, bs0, bs1, bs2, bs3,
+                D: tl.constexpr, BLOCK: tl.constexpr):
+        """Row r of x [A0, A1, T, D] into buf[i0, i1, positions[t]]."""
+        t = r % A2
+        i1 = (r // A2) % A1
+        i0 = r // (A2 * A1)
+        d = tl.arange(0, BLOCK)
+        m = d < D
+        pos = tl.load(pos_ptr + t)
+        x = tl.load(x_ptr + i0 * xs0 + i1 * xs1 + t * xs2 + d * xs3, mask=m)
+        tl.store(buf_ptr + i0 * bs0 + i1 * bs1 + pos * bs2 + d * bs3, x, mask=m)
+
+    @triton.jit
+    def _kv_write_kernel(k_ptr, v_ptr, kb_ptr, vb_ptr, pos_ptr, RK,
+                         ka1, ka2, ks0, ks1, ks2, ks3, kb0, kb1, kb2, kb3,
+                         va1, va2, vs0, vs1, vs2, vs3, vb0, vb1, vb2, vb3,
+                         DK: tl.constexpr, BK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
+        r = tl.program_id(0)
+        if r < RK:
+            _kv_row(k_ptr, kb_ptr, pos_ptr, r, ka1, ka2, ks0, ks1, ks2, ks3, kb0, kb1, kb2, kb3, DK, BK)
+        else:
+            _kv_row(v_ptr, vb_ptr, pos_ptr, r - RK, va1, va2, vs0, vs1, vs2, vs3, vb0, vb1, vb2, vb3, DV, BV)
 
 
 _ELEMENTWISE_BLOCK = 1024
@@ -182,3 +207,24 @@ def gated_add(e: torch.Tensor, g: torch.Tensor, s: torch.Tensor) -> torch.Tensor
         e, g, s, out, N, es, gs, ss, LIBDEVICE=not interpreter_on(), BLOCK=_ELEMENTWISE_BLOCK,
         **_launch_opts())
     return out
+
+
+def kv_write(k_buf: torch.Tensor, v_buf: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             positions: torch.Tensor) -> bool:
+    """k_buf.index_copy_(2, positions, key) and the same for v in one kernel (False: not done,
+    the caller copies). Buffers [B, heads, max_len, D]; key / value [B, heads, T, D]."""
+    pairs = ((k_buf, key), (v_buf, value))
+    if triton is None or any(x.dim() != 4 or b.dim() != 4 or x.dtype != b.dtype or x.device != b.device
+                             or x.shape[:2] != b.shape[:2] or x.shape[3] != b.shape[3] for b, x in pairs):
+        return False
+    if positions.dim() != 1 or positions.shape[0] != key.shape[2] or value.shape[2] != key.shape[2] \
+            or positions.device != key.device or key.numel() == 0 or value.numel() == 0:
+        return False
+    DK, DV = key.shape[3], value.shape[3]
+    rk = key.numel() // DK
+    _kv_write_kernel[(rk + value.numel() // DV,)](
+        key, value, k_buf, v_buf, positions, rk,
+        key.shape[1], key.shape[2], *key.stride(), *k_buf.stride(),
+        value.shape[1], value.shape[2], *value.stride(), *v_buf.stride(),
+        DK=DK, BK=_next_pow2(DK), DV=DV, BV=_next_pow2(DV), num_warps=4)
+    return True

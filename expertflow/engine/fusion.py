@@ -12,6 +12,8 @@ code is the standard one it replaces (checked by its source); anything else runs
 * `FusedLinears` (fused_linear.py): sibling projections of one input as one GEMM, memory-neutral.
 * `FusedBlocks` (fused_blocks.py): the gated MLP's silu * up, and Qwen2-MoE's sigmoid-gated
   shared expert sum, as one kernel each.
+* The engine's own step: the experts kernel writes the step's routing record (ids, weights)
+  itself (`record`), and the static KV cache writes keys and values in one kernel (`kv_write`).
 
 `Fusions` applies them all (the Triton ones when the engine runs Triton kernels); the new ones
 (all but FusedNorms) follow the engine's `fuse` flag and are off with EXPERTFLOW_ENGINE_FUSE=0.
@@ -163,6 +165,8 @@ class Fusions:
         self.linears = FusedLinears(model) if on else None
         self.blocks = FusedBlocks(model) if on and triton else None
         self.rotary = FusedRotary(model) if on and triton else None
+        self.record = on and triton  # the experts kernel writes the step's routing record itself
+        self.kv_write = fused_kernels.kv_write if on and triton else None  # for StaticKV
 
     def summary(self) -> dict[str, int]:
         """How many modules (groups, modeling modules) each fusion took."""

@@ -113,10 +113,11 @@ if triton is not None:
             tl.store(act_ptr + p * I + rows, a.to(dtype), mask=rmask)
 
     @triton.jit
-    def _down_kernel(act_ptr, ids_ptr, w_ptr, table_ptr, stage_ptr, out_ptr, layer, pool_lo, pool_hi,
-                     E, I, H, R, K: tl.constexpr, P: tl.constexpr, PB: tl.constexpr, WRITE: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out[t, rows] = sum_j round(round(down_e act_p) * w_p) over token t's k experts."""
+    def _down_kernel(act_ptr, ids_ptr, w_ptr, table_ptr, stage_ptr, out_ptr, rec_ids_ptr, rec_w_ptr, rec_src_ptr,
+                     layer, pool_lo, pool_hi, E, I, H, R, K: tl.constexpr, P: tl.constexpr, PB: tl.constexpr,
+                     WRITE: tl.constexpr, RECORD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[t, rows] = sum_j round(round(down_e act_p) * round(w_p)) over token t's k experts;
+        with RECORD, the first row block also writes ids and float32(rec_src) into the records."""
         t = tl.program_id(0)
         hb = tl.program_id(1)
         dtype = out_ptr.dtype.element_ty
@@ -127,6 +128,10 @@ if triton is not None:
         for j in tl.static_range(K):
             p = t * K + j
             e = tl.load(ids_ptr + p)
+            if RECORD:
+                if hb == 0:
+                    tl.store(rec_ids_ptr + p, e)
+                    tl.store(rec_w_ptr + p, tl.load(rec_src_ptr + p).to(tl.float32))
             if e >= 0:
                 addr = tl.load(table_ptr + layer * E + e)
                 d_w = addr.to(tl.pointer_type(dtype))
@@ -145,7 +150,7 @@ if triton is not None:
                     if WRITE:
                         tl.store(d_ptr + offs, wd, mask=wrows[:, None] & kmask[None, :])
                     acc += tl.sum(wd.to(tl.float32) * av[None, :], axis=1)
-                wt = tl.load(w_ptr + p).to(tl.float32)
+                wt = tl.load(w_ptr + p).to(dtype).to(tl.float32)  # the weight in the model dtype
                 total += (acc.to(dtype).to(tl.float32) * wt).to(dtype).to(tl.float32)
         tl.store(out_ptr + t * H + rows, total.to(dtype), mask=rmask)
 
@@ -199,14 +204,17 @@ def _next_pow2(n: int) -> int:
 def experts_through_table(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, layer: int,
                           gu_table: torch.Tensor, dn_table: torch.Tensor, stage_gu: torch.Tensor | None,
                           stage_dn: torch.Tensor | None, pool_ranges: tuple[tuple[int, int], tuple[int, int]],
-                          intermediate: int, blocks: tuple | None = None) -> torch.Tensor:
+                          intermediate: int, blocks: tuple | None = None,
+                          record: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Routed-expert output [T, H] of MoE layer `layer` (see the module docstring).
 
-    x [T, H] (model dtype), ids [T, k] int64 (-1 = dropped), weights [T, k] (model dtype),
+    x [T, H] (model dtype), ids [T, k] int64 (-1 = dropped), weights [T, k] (rounded to x's dtype),
     gu_table / dn_table [L, E] int64 addresses of each expert's gate_up [2I, H] / down [H, I],
     stage_gu / stage_dn [L, R] int64 staging addresses (0 = none) or None (no read-through),
     pool_ranges: ([lo, hi) of the gate_up slot pool, [lo, hi) of the down slot pool): an address
-    outside its table's range is a miss.
+    outside its table's range is a miss. `record` = (ids_out [T, k] int64, w_out [T, k] float32,
+    w_src [T, k]): the kernel also writes ids into ids_out and w_src as float32 into w_out (the
+    engine's per-step routing record, without two copy kernels).
     """
     if triton is None:
         raise RuntimeError("experts_through_table needs triton (pip install triton)")
@@ -217,7 +225,7 @@ def experts_through_table(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     E = gu_table.shape[1]
     x = x.contiguous()
     ids = ids.contiguous()
-    w = weights.to(x.dtype).contiguous()
+    w = weights.contiguous()  # rounded to the model dtype in the kernel, as .to(x.dtype) would
     write = stage_gu is not None and stage_gu.shape[1] > 0
     R = stage_gu.shape[1] if write else 1
     st_gu = stage_gu if write else gu_table
@@ -230,9 +238,10 @@ def experts_through_table(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     _gate_up_kernel[(P, triton.cdiv(I, gn))](
         x, ids, gu_table, st_gu, act, layer, glo, ghi, E, I, H, R, K=K, P=P, PB=PB, WRITE=write,
         BLOCK_N=gn, BLOCK_K=gk, num_warps=gw)
+    rec_ids, rec_w, rec_src = record if record is not None else (ids, w, w)
     _down_kernel[(T, triton.cdiv(H, dn_))](
-        act, ids, w, dn_table, st_dn, out, layer, dlo, dhi, E, I, H, R, K=K, P=P, PB=PB, WRITE=write,
-        BLOCK_N=dn_, BLOCK_K=dk, num_warps=dw)
+        act, ids, w, dn_table, st_dn, out, rec_ids, rec_w, rec_src.contiguous(), layer, dlo, dhi, E, I, H, R,
+        K=K, P=P, PB=PB, WRITE=write, RECORD=record is not None, BLOCK_N=dn_, BLOCK_K=dk, num_warps=dw)
     return out
 
 

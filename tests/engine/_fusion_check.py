@@ -72,6 +72,14 @@ def check_kernels():
         e, s = torch.randn(5, 40, generator=g).to(dtype), torch.randn(5, 40, generator=g).to(dtype)
         res[f"gated_add_{name}"] = (fused_kernels.gated_add(e, seg, s).float()
                                     - (e + torch.sigmoid(seg) * s).float()).abs().max().item()
+    q, k, _, _ = _qkv(1, torch.bfloat16, g)  # strided, GQA: keys [2, 2, 3, 16], values as keys
+    bufs = [torch.randn(2, 2, 12, 16, generator=g).to(torch.bfloat16) for _ in range(2)]
+    want = [b.clone() for b in bufs]
+    pos = torch.tensor([3, 7, 8])
+    want[0].index_copy_(2, pos, k)
+    want[1].index_copy_(2, pos, q[:, :2])
+    res["kv_write_done"] = fused_kernels.kv_write(bufs[0], bufs[1], k, q[:, :2], pos)
+    res["kv_write_equal"] = all(torch.equal(b, w) for b, w in zip(bufs, want))
     res["rotary_fallback_partial"] = fused_kernels.rotary(q, k, cos[..., :8], sin[..., :8]) is None
     res["rotary_fallback_dtypes"] = fused_kernels.rotary(q, k, cos.float(), sin.float()) is None
     print(json.dumps(res))

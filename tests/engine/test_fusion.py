@@ -48,9 +48,12 @@ def test_fused_kernels_match_torch():
     assert res["silu_mul_float32"] <= 1e-6 and res["gated_add_float32"] <= 1e-6, res
     assert res["silu_mul_bfloat16"] <= 5e-2 and res["gated_add_bfloat16"] <= 5e-2, res
     assert res["rotary_fallback_partial"] and res["rotary_fallback_dtypes"], res  # not its formula
+    assert res["kv_write_done"] and res["kv_write_equal"], res  # both index_copy_, byte for byte
 
 
-def _assert_fusions(name, r, L, rotary=True):
+def _assert_fusions(name, r, rotary=True):
+    spec = resolve_model(name)
+    L, M = spec.num_layers, spec.num_moe_layers  # decoder layers, MoE layers among them
     fused, unfused = r["fused"], r["unfused"]
     s = fused["summary"]
     assert fused["ops"] < unfused["ops"], (name, fused["ops"], unfused["ops"])
@@ -61,6 +64,10 @@ def _assert_fusions(name, r, L, rotary=True):
     if rotary:  # rotate_half's neg and cat are gone: one rotary kernel per layer instead
         assert fused["by_op"].get("triton:_rotary_kernel") == L, (name, fused["by_op"])
         assert "aten.neg.default" not in fused["by_op"] and unfused["by_op"]["aten.neg.default"] == 2 * L
+    # the KV cache's two index_copy_ are one kernel; the experts kernel writes the routing record
+    assert fused["by_op"].get("triton:_kv_write_kernel") == L, (name, fused["by_op"])
+    assert unfused["by_op"]["aten.index_copy_.default"] - fused["by_op"].get("aten.index_copy_.default", 0) == 2 * L
+    assert unfused["by_op"]["aten.copy_.default"] - fused["by_op"].get("aten.copy_.default", 0) == 2 * M
     assert fused["tokens_equal_ref"] and unfused["tokens_equal_ref"], name
     assert r["logit_diff_fused_unfused"] < 1e-4 and r["logit_diff_fused_ref"] < 1e-4, (name, r)
     assert all(r["restored"].values()), (name, r["restored"])
@@ -69,7 +76,7 @@ def _assert_fusions(name, r, L, rotary=True):
 def test_fusions_cut_ops_per_step_qwen2_moe():
     res = _check("engine", "tiny-qwen2-moe")["tiny-qwen2-moe"]
     L = resolve_model("tiny-qwen2-moe").num_moe_layers
-    _assert_fusions("tiny-qwen2-moe", res, L)
+    _assert_fusions("tiny-qwen2-moe", res)
     fused, unfused = res["fused"]["by_op"], res["unfused"]["by_op"]
     # the shared expert's silu * up and its sigmoid-gated sum are one kernel each
     assert fused.get("triton:_silu_mul_kernel") == L and fused.get("triton:_gated_add_kernel") == L, fused
@@ -84,7 +91,7 @@ def test_fusions_cut_ops_per_step_other_architectures():
     names = ["tiny-mixtral", "tiny-qwen3-moe", "tiny-olmoe", "tiny-deepseek-v2"]
     res = _check("engine", *names)
     for name in names:
-        _assert_fusions(name, res[name], resolve_model(name).num_moe_layers, rotary=name != "tiny-deepseek-v2")
+        _assert_fusions(name, res[name], rotary=name != "tiny-deepseek-v2")
 
 
 # ---- in-process: one GEMM for sibling projections ------------------------------------------------
