@@ -5,6 +5,7 @@ torch's arithmetic: the same roundings to the tensor's dtype after every op that
   the same for k: ten kernels) in one kernel.
 * `silu_mul(g, u)`: `silu(g) * u` (the gated MLP's two kernels) in one.
 * `gated_add(e, g, s)`: `e + sigmoid(g) * s` (Qwen2-MoE's shared-expert gate: three kernels) in one.
+* `add_rms_norm(r, x, w, eps)`: the decoder layer's residual add and the RMSNorm after it in one.
 * `kv_write(k_buf, v_buf, key, value, positions)`: the static KV cache's two index_copy_ in one.
 
 Exactness on the GPU: products and sums are IEEE round-to-nearest with no contraction into FMAs
@@ -80,9 +81,10 @@ if triton is not None:
         tl.store(o_ptr + t * N + offs, (a * u).to(dt), mask=m)
 
     @triton.jit
-    def _gated_add_kernel(e_ptr, g_ptr, s_ptr, o_ptr, N, es, gs, ss, LIBDEVICE: tl.constexpr,
-                          BLOCK: tl.constexpr):
-        """o[t] = round(e + round(round(1 / (1 + exp(-g[t]))) * s)), torch's sigmoid, mul, add."""
+    def _gated_add_kernel(e_ptr, g_ptr, s_ptr, r_ptr, o_ptr, N, es, gs, ss, rs, LIBDEVICE: tl.constexpr,
+                          HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        """o[t] = round(e + round(round(1 / (1 + exp(-g[t]))) * s)), torch's sigmoid, mul, add;
+        with HAS_RES, round(r + that) (the decoder layer's residual add)."""
         t = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = offs < N
@@ -92,7 +94,28 @@ if triton is not None:
         s = tl.load(s_ptr + t * ss + offs, mask=m, other=0.0).to(tl.float32)
         e = tl.load(e_ptr + t * es + offs, mask=m, other=0.0).to(tl.float32)
         p = (sig * s).to(dt).to(tl.float32)
-        tl.store(o_ptr + t * N + offs, (e + p).to(dt), mask=m)
+        o = (e + p).to(dt)
+        if HAS_RES:
+            r = tl.load(r_ptr + t * rs + offs, mask=m, other=0.0).to(tl.float32)
+            o = (r + o.to(tl.float32)).to(dt)
+        tl.store(o_ptr + t * N + offs, o, mask=m)
+
+    @triton.jit
+    def _add_rmsnorm_kernel(r_ptr, x_ptr, w_ptr, sum_ptr, out_ptr, N, RS, XS, eps, BLOCK: tl.constexpr):
+        """sum = round(r + x); out = kernels.rms_norm(sum) with the same arithmetic, per row."""
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        m = offs < N
+        sdt = sum_ptr.dtype.element_ty
+        r = tl.load(r_ptr + row * RS + offs, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * XS + offs, mask=m, other=0.0).to(tl.float32)
+        sm = (r + x).to(sdt)
+        tl.store(sum_ptr + row * N + offs, sm, mask=m)
+        x = sm.to(tl.float32)
+        var = tl.sum(x * x, axis=0) / N
+        y = (x * tl.math.rsqrt(var + eps)).to(sdt).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * N + offs, (w * y).to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _kv_row(x_ptr, buf_ptr, pos_ptr, r, A1, A2, xs0, xs1, xs2, xs3, bs0, bs1, bs2, bs3,
@@ -194,19 +217,39 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
-def gated_add(e: torch.Tensor, g: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
-    """e + sigmoid(g) * s in one kernel (e, s [..., N]; g [..., 1]), or None (torch's then)."""
-    re_, rg, rs = row_layout(e), row_layout(g), row_layout(s)
-    if e.shape != s.shape or g.shape != (*e.shape[:-1], 1) or None in (re_, rg, rs) \
-            or not _pointwise_fits(e, g, s):
+def gated_add(e: torch.Tensor, g: torch.Tensor, s: torch.Tensor,
+              residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """e + sigmoid(g) * s in one kernel (e, s [..., N]; g [..., 1]), and `residual + that` with a
+    residual of e's shape (rows may be viewed [T, N] differently), or None (torch's then)."""
+    r = e if residual is None else residual
+    re_, rg, rs, rr = row_layout(e), row_layout(g), row_layout(s), row_layout(r)
+    if e.shape != s.shape or g.shape != (*e.shape[:-1], 1) or None in (re_, rg, rs, rr) \
+            or r.numel() != e.numel() or r.shape[-1] != e.shape[-1] or not _pointwise_fits(e, g, s, r):
         return None
-    (T, es), (_, gs), (_, ss) = re_, rg, rs
+    (T, es), (_, gs), (_, ss), (_, rstride) = re_, rg, rs, rr
     N = e.shape[-1]
-    out = torch.empty(e.shape, dtype=e.dtype, device=e.device)
+    out = torch.empty(r.shape, dtype=e.dtype, device=e.device)
     _gated_add_kernel[(T, triton.cdiv(N, _ELEMENTWISE_BLOCK))](
-        e, g, s, out, N, es, gs, ss, LIBDEVICE=not interpreter_on(), BLOCK=_ELEMENTWISE_BLOCK,
-        **_launch_opts())
+        e, g, s, r, out, N, es, gs, ss, rstride, LIBDEVICE=not interpreter_on(), HAS_RES=residual is not None,
+        BLOCK=_ELEMENTWISE_BLOCK, **_launch_opts())
     return out
+
+
+def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rms_norm(residual + x), residual + x) in one kernel (`kernels.rms_norm`'s arithmetic on the
+    rounded sum), or None (the caller adds and norms)."""
+    rr, rx = row_layout(residual), row_layout(x)
+    if residual.shape != x.shape or rr is None or rx is None or not _pointwise_fits(residual, x) \
+            or weight.shape != (x.shape[-1],) or weight.device != x.device:
+        return None
+    (rows, rs), (_, xs) = rr, rx
+    N = x.shape[-1]
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    _add_rmsnorm_kernel[(rows,)](residual, x, weight, total, out, N, rs, xs, eps, BLOCK=_next_pow2(N),
+                                 num_warps=4 if N <= 4096 else 8)
+    return out, total
 
 
 def kv_write(k_buf: torch.Tensor, v_buf: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -10,8 +10,9 @@ code is the standard one it replaces (checked by its source); anything else runs
   (`fused_kernels.rotary`), swapped into the attention's modeling module only while the engine's
   own loop runs (`active()`), since a module global is shared by every model of that class.
 * `FusedLinears` (fused_linear.py): sibling projections of one input as one GEMM, memory-neutral.
-* `FusedBlocks` (fused_blocks.py): the gated MLP's silu * up, and Qwen2-MoE's sigmoid-gated
-  shared expert sum, as one kernel each.
+* `FusedBlocks` (fused_blocks.py): the gated MLP's silu * up, Qwen2-MoE's sigmoid-gated shared
+  expert sum (with the residual add after it), and the decoder layer's residual add + RMSNorm,
+  as one kernel each.
 * The engine's own step: the experts kernel writes the step's routing record (ids, weights)
   itself (`record`), and the static KV cache writes keys and values in one kernel (`kv_write`).
 
@@ -163,7 +164,7 @@ class Fusions:
         self.fuse = on
         self.norms = FusedNorms(model) if triton else None
         self.linears = FusedLinears(model) if on else None
-        self.blocks = FusedBlocks(model) if on and triton else None
+        self.blocks = FusedBlocks(model, is_standard_rms_norm) if on and triton else None
         self.rotary = FusedRotary(model) if on and triton else None
         self.record = on and triton  # the experts kernel writes the step's routing record itself
         self.kv_write = fused_kernels.kv_write if on and triton else None  # for StaticKV

@@ -19,7 +19,7 @@ from tests.engine._opcount import count_decode_step, count_triton_launches  # no
 
 count_triton_launches()
 
-from expertflow.engine import attach, fused_kernels  # noqa: E402
+from expertflow.engine import attach, fused_kernels, kernels  # noqa: E402
 from expertflow.registry import resolve_model  # noqa: E402
 from tests.engine._exact import configs, reference  # noqa: E402
 
@@ -72,6 +72,18 @@ def check_kernels():
         e, s = torch.randn(5, 40, generator=g).to(dtype), torch.randn(5, 40, generator=g).to(dtype)
         res[f"gated_add_{name}"] = (fused_kernels.gated_add(e, seg, s).float()
                                     - (e + torch.sigmoid(seg) * s).float()).abs().max().item()
+        r = torch.randn(1, 5, 40, generator=g).to(dtype)  # the layer's residual, [B, T, H]
+        res[f"gated_add_residual_{name}"] = (fused_kernels.gated_add(e, seg, s, r).float() - (
+            r + (e + torch.sigmoid(seg) * s).view(1, 5, 40)).float()).abs().max().item()
+        x = gu[:, :40].unsqueeze(0)  # strided rows
+        w = torch.randn(40, generator=g).to(dtype)
+        normed, total = fused_kernels.add_rms_norm(r, x, w, 1e-6)
+        want_sum = r + x if dtype == torch.float32 else trunc_bf16(r.float() + x.float()).to(dtype)
+        res[f"add_rms_norm_sum_equal_{name}"] = torch.equal(total, want_sum)  # bf16: the interpreter's cast
+        res[f"add_rms_norm_equal_rms_norm_{name}"] = torch.equal(normed, kernels.rms_norm(total, w, 1e-6))
+        v = (r + x).float()
+        want = w * (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)  # transformers'
+        res[f"add_rms_norm_{name}"] = ((normed.float() - want.float()).abs().max() / want.float().abs().max()).item()
     q, k, _, _ = _qkv(1, torch.bfloat16, g)  # strided, GQA: keys [2, 2, 3, 16], values as keys
     bufs = [torch.randn(2, 2, 12, 16, generator=g).to(torch.bfloat16) for _ in range(2)]
     want = [b.clone() for b in bufs]

@@ -47,6 +47,10 @@ def test_fused_kernels_match_torch():
         assert res[f"rotary_bfloat16_ud{ud}"] <= 0.07, res
     assert res["silu_mul_float32"] <= 1e-6 and res["gated_add_float32"] <= 1e-6, res
     assert res["silu_mul_bfloat16"] <= 5e-2 and res["gated_add_bfloat16"] <= 5e-2, res
+    assert res["gated_add_residual_float32"] <= 1e-6 and res["gated_add_residual_bfloat16"] <= 5e-2, res
+    for name in ("float32", "bfloat16"):  # residual add + RMSNorm: the sum, then rms_norm's arithmetic
+        assert res[f"add_rms_norm_sum_equal_{name}"] and res[f"add_rms_norm_equal_rms_norm_{name}"], res
+    assert res["add_rms_norm_float32"] <= 1e-6 and res["add_rms_norm_bfloat16"] <= 2e-2, res  # relative
     assert res["rotary_fallback_partial"] and res["rotary_fallback_dtypes"], res  # not its formula
     assert res["kv_write_done"] and res["kv_write_equal"], res  # both index_copy_, byte for byte
 
@@ -68,6 +72,8 @@ def _assert_fusions(name, r, rotary=True):
     assert fused["by_op"].get("triton:_kv_write_kernel") == L, (name, fused["by_op"])
     assert unfused["by_op"]["aten.index_copy_.default"] - fused["by_op"].get("aten.index_copy_.default", 0) == 2 * L
     assert unfused["by_op"]["aten.copy_.default"] - fused["by_op"].get("aten.copy_.default", 0) == 2 * M
+    # the residual add after attention and the RMSNorm after it: one kernel per layer
+    assert fused["by_op"].get("triton:_add_rmsnorm_kernel") == L, (name, fused["by_op"])
     assert fused["tokens_equal_ref"] and unfused["tokens_equal_ref"], name
     assert r["logit_diff_fused_unfused"] < 1e-4 and r["logit_diff_fused_ref"] < 1e-4, (name, r)
     assert all(r["restored"].values()), (name, r["restored"])
@@ -82,6 +88,8 @@ def test_fusions_cut_ops_per_step_qwen2_moe():
     assert fused.get("triton:_silu_mul_kernel") == L and fused.get("triton:_gated_add_kernel") == L, fused
     assert "aten.silu.default" not in fused and "aten.sigmoid.default" not in fused, fused
     assert unfused["aten.silu.default"] == L and unfused["aten.sigmoid.default"] == L, unfused
+    # and no add is left per layer: rotary, both residual adds and the gated sum are in kernels
+    assert fused.get("aten.add.Tensor", 0) < L <= unfused["aten.add.Tensor"] // 5, (fused, unfused)
     # shared expert gate/up + router + shared-expert gate: one GEMM per layer, not four
     assert res["fused"]["summary"]["linear_members"] == 7 * L, res["fused"]["summary"]
 
