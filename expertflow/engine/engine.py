@@ -334,7 +334,7 @@ class GraphEngine(AbstractContextManager):
             self._drain()
             self._running = True
             try:
-                with torch.no_grad(), self.fusions.active():
+                with torch.no_grad():
                     self.graphs.capture_all(self, max_tokens)
             finally:
                 self._running = False

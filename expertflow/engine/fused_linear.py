@@ -171,6 +171,8 @@ class FusedLinears:
             for i, m in enumerate(members):
                 m.forward = _linear_forward(group, i) if isinstance(m, nn.Linear) else _router_forward(group, i, m)
             self.groups.append(group)
+        if any(g.weight.is_cuda for g in self.groups):
+            torch.cuda.empty_cache()  # the members' old storages, freed one group at a time
 
     def restore(self) -> None:
         for g in self.groups:
