@@ -31,7 +31,11 @@ _ROUTER_CALL = "F.linear(hidden_states, self.weight)"
 
 
 def _key(x: torch.Tensor) -> tuple:
-    return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
+    """What makes two tensors the same input: address, layout and version (an inference tensor
+    has no version counter: there address and layout decide; in the layouts fused here nothing
+    writes a projection's input between its siblings' calls)."""
+    version = -1 if x.is_inference() else x._version
+    return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, version)
 
 
 class LinearGroup:

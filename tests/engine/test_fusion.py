@@ -137,6 +137,11 @@ def test_sibling_projections_one_gemm_equal_separate_linears():
             assert (moe.shared_expert_gate(x) - want_seg).abs().max() <= 1e-5
             x2 = x + 1  # another input: computed afresh, and still right for a lone sibling
             assert (attn.k_proj(x2) - F.linear(x2, attn.k_proj.weight, attn.k_proj.bias)).abs().max() <= 1e-5
+            with torch.inference_mode():  # inference tensors carry no version counter
+                x3 = x * 2
+                q3, v3 = attn.q_proj(x3), attn.v_proj(x3)
+                assert q3.untyped_storage().data_ptr() == v3.untyped_storage().data_ptr()
+                assert (v3 - F.linear(x3, attn.v_proj.weight, attn.v_proj.bias)).abs().max() <= 1e-5
         finally:
             fused.restore()
         after = dict(model.named_parameters())
