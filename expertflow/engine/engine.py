@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from ..runtime.offload import BACKEND_NAME, attach_target, register_backend
 from ..runtime.store import HostStore, SlotPool
 from . import kernels
-from .fusion import Fusions
+from .fusion import Fusions, fuse_enabled
 from .graphs import StepGraphs, kv_bucket
 from .static_cache import StaticKV
 from .support import GenerationOutput, check_supported, device_adaptive_k, experts_torch
@@ -58,6 +58,7 @@ class GraphEngine(AbstractContextManager):
 
     def __init__(self, model: nn.Module, config: RuntimeConfig, *, device: str | torch.device | None = None,
                  kernel: str = "auto", graphs: bool | None = None, fuse: bool = True):
+        fuse_on = fuse_enabled(fuse)  # a bad EXPERTFLOW_ENGINE_FUSE fails here, before the model is touched
         self.model = model
         self.config = config
         self.blocks, self.device = attach_target(model, config, device)
@@ -89,7 +90,7 @@ class GraphEngine(AbstractContextManager):
         self.gu_table, self.dn_table, self.loc_table = t.gu, t.dn, t.loc
         self.stage_gu, self.stage_dn, self.stage_loc = t.stage_gu, t.stage_dn, t.stage_loc
         self.spans = self.pool.spans()
-        self.fusions = Fusions(model, triton=self.kernel == "triton", fuse=fuse)
+        self.fusions = Fusions(model, triton=self.kernel == "triton", on=fuse_on)
         base = getattr(model, "model", model)
         self.layers = list(base.layers)
         self.embed = model.get_input_embeddings()

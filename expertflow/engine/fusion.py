@@ -17,7 +17,8 @@ code is the standard one it replaces (checked by its source); anything else runs
   itself (`record`), and the static KV cache writes keys and values in one kernel (`kv_write`).
 
 `Fusions` applies them all (the Triton ones when the engine runs Triton kernels); the new ones
-(all but FusedNorms) follow the engine's `fuse` flag and are off with EXPERTFLOW_ENGINE_FUSE=0.
+(all but FusedNorms) follow the engine's `fuse` flag and are off with EXPERTFLOW_ENGINE_FUSE=0
+(or a subset of them on: see `fuse_enabled`).
 `restore()` puts every forward, parameter and module global back.
 """
 
@@ -151,23 +152,38 @@ class FusedRotary:
 
 
 # ---- all of them -----------------------------------------------------------------------------
-def fuse_enabled(fuse: bool = True) -> bool:
-    """The engine's `fuse` flag, unless EXPERTFLOW_ENGINE_FUSE=0 (or false/no/off) turns it off."""
-    return fuse and os.environ.get(ENV_FUSE, "1").strip().lower() not in ("0", "false", "no", "off")
+FUSIONS = ("linear", "blocks", "rotary", "record", "kv")  # the new ones, by name
+
+
+def fuse_enabled(fuse: bool = True) -> set[str]:
+    """The new fusions to apply: all of FUSIONS with the engine's `fuse` flag, none without it;
+    EXPERTFLOW_ENGINE_FUSE=0 (or false/no/off) turns them all off, and a comma-separated list of
+    names (e.g. "rotary,blocks") keeps only those (per-fusion A/B on a GPU)."""
+    env = os.environ.get(ENV_FUSE, "1").strip().lower()
+    if not fuse or env in ("0", "false", "no", "off"):
+        return set()
+    if env in ("1", "true", "yes", "on", ""):
+        return set(FUSIONS)
+    names = {n.strip() for n in env.split(",") if n.strip()}
+    unknown = names - set(FUSIONS)
+    if unknown:
+        raise ValueError(f"{ENV_FUSE}={env!r}: unknown fusion(s) {sorted(unknown)}; known: {', '.join(FUSIONS)}")
+    return names
 
 
 class Fusions:
     """Every fusion of one attached engine (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, *, triton: bool, fuse: bool = True):
-        on = fuse_enabled(fuse)
-        self.fuse = on
+    def __init__(self, model: nn.Module, *, triton: bool, on: set[str] | None = None):
+        """`on`: the new fusions to apply (default: `fuse_enabled()`); without Triton only "linear"."""
+        on = (fuse_enabled() if on is None else set(on)) & (set(FUSIONS) if triton else {"linear"})
+        self.on = on
         self.norms = FusedNorms(model) if triton else None
-        self.linears = FusedLinears(model) if on else None
-        self.blocks = FusedBlocks(model, is_standard_rms_norm) if on and triton else None
-        self.rotary = FusedRotary(model) if on and triton else None
-        self.record = on and triton  # the experts kernel writes the step's routing record itself
-        self.kv_write = fused_kernels.kv_write if on and triton else None  # for StaticKV
+        self.linears = FusedLinears(model) if "linear" in on else None
+        self.blocks = FusedBlocks(model, is_standard_rms_norm) if "blocks" in on else None
+        self.rotary = FusedRotary(model) if "rotary" in on else None
+        self.record = "record" in on  # the experts kernel writes the step's routing record itself
+        self.kv_write = fused_kernels.kv_write if "kv" in on else None  # for StaticKV
 
     def summary(self) -> dict[str, int]:
         """How many modules (groups, modeling modules) each fusion took."""

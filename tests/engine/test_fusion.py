@@ -19,6 +19,7 @@ from expertflow.engine import attach
 from expertflow.engine.fused_linear import FusedLinears
 from expertflow.engine.fusion import ENV_FUSE, FusedRotary
 from expertflow.registry import resolve_model
+from expertflow.runtime.generate import greedy_generate
 
 from ._exact import configs, reference
 
@@ -156,7 +157,8 @@ def test_fuse_flag_and_env_var(monkeypatch):
     L = spec.num_moe_layers
     (_, cfg), = configs(spec, "cpu", "float32", policies=("lru",), capacities=(L,))
     runs = {}
-    for label, fuse, env in (("on", True, None), ("flag off", False, None), ("env off", True, "0")):
+    for label, fuse, env in (("on", True, None), ("flag off", False, None), ("env off", True, "0"),
+                             ("env others", True, "rotary,kv"), ("env linear", True, "linear")):
         if env is None:
             monkeypatch.delenv(ENV_FUSE, raising=False)
         else:
@@ -165,8 +167,14 @@ def test_fuse_flag_and_env_var(monkeypatch):
             runs[label] = (eng.fusions.summary(), eng.generate(ids, 2, keep_logits=True))
     assert runs["on"][0]["linear_groups"] > 0  # the GEMM fusion needs no Triton
     assert runs["on"][0]["rotary_modules"] == runs["on"][0]["blocks"] == 0  # Triton ones: kernel torch
-    for label in ("flag off", "env off"):
+    for label in ("flag off", "env off", "env others"):
         assert runs[label][0]["linear_groups"] == 0, label
+    assert runs["env linear"][0] == runs["on"][0]
+    monkeypatch.setenv(ENV_FUSE, "rotary,typo")
+    with pytest.raises(ValueError, match="typo"):
+        attach(model, cfg, device="cpu", kernel="torch")
+    monkeypatch.delenv(ENV_FUSE)
+    assert torch.equal(greedy_generate(model, ids, 2).sequences, ref.sequences)  # refused untouched
     for label, (_, out) in runs.items():
         assert torch.equal(out.sequences, ref.sequences), label
 
