@@ -3,7 +3,7 @@
 Qwen1.5-MoE-A2.7B dims (`qwen2-moe`), random bf16 weights, batch 1, greedy. Rows:
   transformers all-on-GPU, generate(), its fastest experts backend     -> the baseline to beat
   eager runtime (transformers modules per step) at the first budget      -> what the graph replaces
-  graph engine, every expert resident
+  graph engine, every expert resident (and with --no-fuse the same with the engine's fusions off)
   graph engine at each --budgets value
 Routing in every offloaded row is REPLAYED from the calibrated synthetic trace (the profile's, as
 tuner.validate replays it): a random-weight router picks nearly the same experts every step and
@@ -46,6 +46,9 @@ from expertflow.registry import resolve_model  # noqa: E402
 from expertflow.runtime.adapters import find_moe_blocks  # noqa: E402
 from expertflow.runtime.loading import build_model  # noqa: E402
 from expertflow.runtime.offload import offload  # noqa: E402
+
+
+NO_FUSE = "graph engine, every expert resident, no fusions"
 
 
 def sync():
@@ -157,10 +160,10 @@ def profile_step(eng, steps=5):
             "top": [(n, round(ms, 3)) for n, ms in top]}
 
 
-def engine_row(model, cfg, trace, plan, label, budget_bytes, bpe, profile=False):
+def engine_row(model, cfg, trace, plan, label, budget_bytes, bpe, profile=False, fuse=True):
     memory_window()
     mem = {}
-    eng = attach(model, cfg, device="cuda")
+    eng = attach(model, cfg, device="cuda", fuse=fuse)
     try:
         mem["after_attach"] = torch.cuda.memory_allocated()
         eng.use_replay(max(len(r) for r, _ in plan))
@@ -231,6 +234,8 @@ def main(argv=None):
                     help="more graph-engine rows, BUDGET:POLICY:READ_THROUGH_SLOTS (measured every round)")
     ap.add_argument("--sweep", action="store_true",
                     help="first, one pass over policies x read-through slots at each budget (a table)")
+    ap.add_argument("--no-fuse", action="store_true",
+                    help="also the all-resident row with the engine's kernel fusions off (fuse=False): an A/B in one run")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from tuner.profiler import run_profile
@@ -256,6 +261,8 @@ def main(argv=None):
              default_config(spec, big, priors=priors).with_values({"cache.capacity_experts": L * E,
                                                                    "cache.read_through_slots": 0,
                                                                    "cache.policy": args.policy}), None)]
+    if args.no_fuse:
+        rows.append((NO_FUSE, rows[0][1], None))
     for budget in args.budgets:
         p = plan_memory(spec, budget)
         rows.append((f"graph engine @ {budget} (default config)", default_config(spec, p, priors=priors).with_values(
@@ -282,7 +289,8 @@ def main(argv=None):
     fastest = None  # transformers' fastest experts backend, found in round 0
     for rnd in range(args.rounds):
         for label, cfg, budget in rows:
-            r = engine_row(model, cfg, trace, plan, label, budget, bpe, profile=rnd == 0 and budget is None)
+            r = engine_row(model, cfg, trace, plan, label, budget, bpe, profile=rnd == 0 and budget is None,
+                           fuse=label != NO_FUSE)
             runs.setdefault(label, []).append(r)
             print(f"round {rnd}: {r}", flush=True)
         if not args.no_eager:

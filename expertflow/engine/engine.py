@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from ..runtime.offload import BACKEND_NAME, attach_target, register_backend
 from ..runtime.store import HostStore, SlotPool
 from . import kernels
-from .fusion import FusedNorms
+from .fusion import Fusions, fuse_enabled
 from .graphs import StepGraphs, kv_bucket
 from .static_cache import StaticKV
 from .support import GenerationOutput, check_supported, device_adaptive_k, experts_torch
@@ -52,11 +52,13 @@ class GraphEngine(AbstractContextManager):
     """The graph engine attached to one model; see the module docstring.
 
     `generate(input_ids, max_new_tokens)` runs prefill + greedy decode; `.stats` gives the
-    counters like the eager handle's; `detach()` restores the model.
+    counters like the eager handle's; `detach()` restores the model. `fuse=False` (or
+    EXPERTFLOW_ENGINE_FUSE=0) leaves out the kernel-count fusions of fusion.py but the RMSNorm one.
     """
 
     def __init__(self, model: nn.Module, config: RuntimeConfig, *, device: str | torch.device | None = None,
-                 kernel: str = "auto", graphs: bool | None = None):
+                 kernel: str = "auto", graphs: bool | None = None, fuse: bool = True):
+        fuse_on = fuse_enabled(fuse)  # a bad EXPERTFLOW_ENGINE_FUSE fails here, before the model is touched
         self.model = model
         self.config = config
         self.blocks, self.device = attach_target(model, config, device)
@@ -88,7 +90,7 @@ class GraphEngine(AbstractContextManager):
         self.gu_table, self.dn_table, self.loc_table = t.gu, t.dn, t.loc
         self.stage_gu, self.stage_dn, self.stage_loc = t.stage_gu, t.stage_dn, t.stage_loc
         self.spans = self.pool.spans()
-        self.norms = FusedNorms(model) if self.kernel == "triton" else None
+        self.fusions = Fusions(model, triton=self.kernel == "triton", on=fuse_on)
         base = getattr(model, "model", model)
         self.layers = list(base.layers)
         self.embed = model.get_input_embeddings()
@@ -112,8 +114,8 @@ class GraphEngine(AbstractContextManager):
         if self.cuda:
             torch.cuda.synchronize(self.device)
         log.info("expertflow graph engine attached: %d MoE layers x %d experts, %d GPU slots "
-                 "(%d read-through per layer and parity), kernel %s, graphs %s", self.L, self.E,
-                 self.sched.num_slots, self.R, self.kernel, self.graphs_on)
+                 "(%d read-through per layer and parity), kernel %s, graphs %s, fusions %s", self.L, self.E,
+                 self.sched.num_slots, self.R, self.kernel, self.graphs_on, self.fusions.summary())
 
     # ---- per-batch buffers ----------------------------------------------------------------
     def _setup_batch(self, B: int) -> None:
@@ -123,7 +125,7 @@ class GraphEngine(AbstractContextManager):
         dev, L, k = self.device, self.L, self.k
         max_len = self.config.memory.max_context_tokens
         self.max_len = max_len
-        self.kv = StaticKV(B, max_len, dev, self.store.dtype)
+        self.kv = StaticKV(B, max_len, dev, self.store.dtype, self.fusions.kv_write)
         self.positions = torch.zeros(1, dtype=torch.long, device=dev)  # decode position (static)
         self.kv.positions = self.positions
         self.tok = torch.zeros((B, 1), dtype=torch.long, device=dev)
@@ -163,12 +165,14 @@ class GraphEngine(AbstractContextManager):
             self._prefill_ids[m].append(ids.cpu().numpy())
             self._prefill_w[m].append(w_router.float().cpu().numpy())
             return self._experts_eager(m, h, ids, w, stage_writes=False)
-        self.step_ids[m].copy_(ids.view(self.batch, self.k))
-        self.step_w[m].copy_(w_router.view(self.batch, self.k))
+        record = (self.step_ids[m], self.step_w[m], w_router) if self.fusions.record else None
+        if record is None:  # else the kernel writes them, without two copy kernels
+            self.step_ids[m].copy_(ids.view(self.batch, self.k))
+            self.step_w[m].copy_(w_router.view(self.batch, self.k))
         if self.kernel == "triton":
             p = self._parity
-            return kernels.experts_through_table(h, ids, w, m, self.gu_table, self.dn_table,
-                                                 self.stage_gu[p], self.stage_dn[p], self.spans, self.I)
+            return kernels.experts_through_table(h, ids, w, m, self.gu_table, self.dn_table, self.stage_gu[p],
+                                                 self.stage_dn[p], self.spans, self.I, record=record)
         return self._experts_eager(m, h, ids, w, stage_writes=True)
 
     def _experts_eager(self, m: int, h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
@@ -248,7 +252,8 @@ class GraphEngine(AbstractContextManager):
         """Greedy decoding of `max_new_tokens` tokens for a batch of equal-length prompts."""
         self._running = True
         try:
-            return self._generate(input_ids, max_new_tokens, keep_logits, prefill_chunk)
+            with self.fusions.active():
+                return self._generate(input_ids, max_new_tokens, keep_logits, prefill_chunk)
         finally:
             self._running = False
 
@@ -368,8 +373,7 @@ class GraphEngine(AbstractContextManager):
         self._sync()
         self.graphs.clear()
         self.store.restore()
-        if self.norms is not None:
-            self.norms.restore()
+        self.fusions.restore()
         prev = self._prev_impl
         self.model.set_experts_implementation(prev if len(prev) > 1 else prev.get("") or "grouped_mm")
         self.pool = None

@@ -66,14 +66,15 @@ class StepGraphs:
         saved = [t.clone() for t in state]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # compile kernels, allocate lazily, outside the capture
+        with engine.fusions.active():  # whoever asks for the graph, it captures the fused step
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile kernels, allocate lazily, outside the capture
+                    engine._decode_step()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            for t, s in zip(state, saved):
+                t.copy_(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
                 engine._decode_step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        for t, s in zip(state, saved):
-            t.copy_(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            engine._decode_step()
         log.debug("captured decode graph batch %d, kv %d, parity %d", engine.batch, length, parity)
         return g

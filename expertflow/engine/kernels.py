@@ -113,10 +113,11 @@ if triton is not None:
             tl.store(act_ptr + p * I + rows, a.to(dtype), mask=rmask)
 
     @triton.jit
-    def _down_kernel(act_ptr, ids_ptr, w_ptr, table_ptr, stage_ptr, out_ptr, layer, pool_lo, pool_hi,
-                     E, I, H, R, K: tl.constexpr, P: tl.constexpr, PB: tl.constexpr, WRITE: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out[t, rows] = sum_j round(round(down_e act_p) * w_p) over token t's k experts."""
+    def _down_kernel(act_ptr, ids_ptr, w_ptr, table_ptr, stage_ptr, out_ptr, rec_ids_ptr, rec_w_ptr, rec_src_ptr,
+                     layer, pool_lo, pool_hi, E, I, H, R, K: tl.constexpr, P: tl.constexpr, PB: tl.constexpr,
+                     WRITE: tl.constexpr, RECORD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[t, rows] = sum_j round(round(down_e act_p) * round(w_p)) over token t's k experts;
+        with RECORD, the first row block also writes ids and float32(rec_src) into the records."""
         t = tl.program_id(0)
         hb = tl.program_id(1)
         dtype = out_ptr.dtype.element_ty
@@ -127,6 +128,10 @@ if triton is not None:
         for j in tl.static_range(K):
             p = t * K + j
             e = tl.load(ids_ptr + p)
+            if RECORD:
+                if hb == 0:
+                    tl.store(rec_ids_ptr + p, e)
+                    tl.store(rec_w_ptr + p, tl.load(rec_src_ptr + p).to(tl.float32))
             if e >= 0:
                 addr = tl.load(table_ptr + layer * E + e)
                 d_w = addr.to(tl.pointer_type(dtype))
@@ -145,18 +150,19 @@ if triton is not None:
                     if WRITE:
                         tl.store(d_ptr + offs, wd, mask=wrows[:, None] & kmask[None, :])
                     acc += tl.sum(wd.to(tl.float32) * av[None, :], axis=1)
-                wt = tl.load(w_ptr + p).to(tl.float32)
+                wt = tl.load(w_ptr + p).to(dtype).to(tl.float32)  # the weight in the model dtype
                 total += (acc.to(dtype).to(tl.float32) * wt).to(dtype).to(tl.float32)
         tl.store(out_ptr + t * H + rows, total.to(dtype), mask=rmask)
 
     @triton.jit
-    def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, N, eps, BLOCK: tl.constexpr):
-        """transformers' RMSNorm: weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype), per row."""
+    def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, N, XS, eps, BLOCK: tl.constexpr):
+        """transformers' RMSNorm: weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype), per row
+        (rows XS elements apart in x, N apart in out)."""
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         m = offs < N
         dtype = out_ptr.dtype.element_ty
-        x = tl.load(x_ptr + row * N + offs, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * XS + offs, mask=m, other=0.0).to(tl.float32)
         var = tl.sum(x * x, axis=0) / N
         y = (x * tl.math.rsqrt(var + eps)).to(x_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -164,14 +170,31 @@ if triton is not None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """One-kernel RMSNorm over the last dim, the same formula as transformers' *RMSNorm."""
+    """One-kernel RMSNorm over the last dim, the same formula as transformers' *RMSNorm. Rows one
+    stride apart (a slice of a fused projection) are read in place; other layouts are copied."""
     N = x.shape[-1]
-    xc = x.contiguous()
+    layout = row_layout(x)
+    if layout is None:
+        x = x.contiguous()
+        layout = (x.numel() // N, N)
+    rows, xs = layout
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    rows = xc.numel() // N
-    _rmsnorm_kernel[(rows,)](xc, weight, out, N, eps, BLOCK=_next_pow2(N), num_warps=4 if N <= 4096 else 8)
+    _rmsnorm_kernel[(rows,)](x, weight, out, N, xs, eps, BLOCK=_next_pow2(N), num_warps=4 if N <= 4096 else 8)
     return out
+
+
+def row_layout(x: torch.Tensor) -> tuple[int, int] | None:
+    """(rows, row stride) of x seen as [rows, N] with unit stride along N, without a copy, or None
+    where its rows are not one stride apart."""
+    if x.dim() == 0 or x.numel() == 0 or (x.stride(-1) != 1 and x.shape[-1] != 1):
+        return None
+    N = x.shape[-1]
+    lead = [(n, s) for n, s in zip(x.shape[:-1], x.stride()[:-1]) if n != 1]
+    for (_, s_out), (n_in, s_in) in zip(lead, lead[1:]):
+        if s_out != n_in * s_in:
+            return None
+    return x.numel() // N, (lead[-1][1] if lead else N)
 
 
 def _next_pow2(n: int) -> int:
@@ -181,14 +204,17 @@ def _next_pow2(n: int) -> int:
 def experts_through_table(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, layer: int,
                           gu_table: torch.Tensor, dn_table: torch.Tensor, stage_gu: torch.Tensor | None,
                           stage_dn: torch.Tensor | None, pool_ranges: tuple[tuple[int, int], tuple[int, int]],
-                          intermediate: int, blocks: tuple | None = None) -> torch.Tensor:
+                          intermediate: int, blocks: tuple | None = None,
+                          record: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Routed-expert output [T, H] of MoE layer `layer` (see the module docstring).
 
-    x [T, H] (model dtype), ids [T, k] int64 (-1 = dropped), weights [T, k] (model dtype),
+    x [T, H] (model dtype), ids [T, k] int64 (-1 = dropped), weights [T, k] (rounded to x's dtype),
     gu_table / dn_table [L, E] int64 addresses of each expert's gate_up [2I, H] / down [H, I],
     stage_gu / stage_dn [L, R] int64 staging addresses (0 = none) or None (no read-through),
     pool_ranges: ([lo, hi) of the gate_up slot pool, [lo, hi) of the down slot pool): an address
-    outside its table's range is a miss.
+    outside its table's range is a miss. `record` = (ids_out [T, k] int64, w_out [T, k] float32,
+    w_src [T, k]): the kernel also writes ids into ids_out and w_src as float32 into w_out (the
+    engine's per-step routing record, without two copy kernels).
     """
     if triton is None:
         raise RuntimeError("experts_through_table needs triton (pip install triton)")
@@ -199,7 +225,7 @@ def experts_through_table(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     E = gu_table.shape[1]
     x = x.contiguous()
     ids = ids.contiguous()
-    w = weights.to(x.dtype).contiguous()
+    w = weights.contiguous()  # rounded to the model dtype in the kernel, as .to(x.dtype) would
     write = stage_gu is not None and stage_gu.shape[1] > 0
     R = stage_gu.shape[1] if write else 1
     st_gu = stage_gu if write else gu_table
@@ -212,9 +238,10 @@ def experts_through_table(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     _gate_up_kernel[(P, triton.cdiv(I, gn))](
         x, ids, gu_table, st_gu, act, layer, glo, ghi, E, I, H, R, K=K, P=P, PB=PB, WRITE=write,
         BLOCK_N=gn, BLOCK_K=gk, num_warps=gw)
+    rec_ids, rec_w, rec_src = record if record is not None else (ids, w, w)
     _down_kernel[(T, triton.cdiv(H, dn_))](
-        act, ids, w, dn_table, st_dn, out, layer, dlo, dhi, E, I, H, R, K=K, P=P, PB=PB, WRITE=write,
-        BLOCK_N=dn_, BLOCK_K=dk, num_warps=dw)
+        act, ids, w, dn_table, st_dn, out, rec_ids, rec_w, rec_src.contiguous(), layer, dlo, dhi, E, I, H, R,
+        K=K, P=P, PB=PB, WRITE=write, RECORD=record is not None, BLOCK_N=dn_, BLOCK_K=dk, num_warps=dw)
     return out
 
 

@@ -21,7 +21,7 @@ class StaticKV:
     is_compileable = True
     is_sliding = [False]
 
-    def __init__(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype, write=None):
         self.batch = batch
         self.max_len = max_len
         self.device = device
@@ -30,6 +30,7 @@ class StaticKV:
         self.length = max_len  # positions attended over (the bucket)
         self.seen = 0  # tokens written so far (host bookkeeping)
         self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.write = write  # (k_buf, v_buf, key, value, positions) -> done: both writes in one kernel
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         bufs = self.buffers.get(layer_idx)
@@ -40,8 +41,9 @@ class StaticKV:
                                 dtype=value.dtype, device=value.device))
             self.buffers[layer_idx] = bufs
         k, v = bufs
-        k.index_copy_(2, self.positions, key)
-        v.index_copy_(2, self.positions, value)
+        if self.write is None or not self.write(k, v, key, value, self.positions):
+            k.index_copy_(2, self.positions, key)
+            v.index_copy_(2, self.positions, value)
         return k[:, :, :self.length], v[:, :, :self.length]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

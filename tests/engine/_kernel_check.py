@@ -2,11 +2,14 @@
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from expertflow.core.engine_cache import staging_ranks
-from expertflow.engine.kernels import experts_reference, experts_through_table
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's expertflow
+
+from expertflow.core.engine_cache import staging_ranks  # noqa: E402
+from expertflow.engine.kernels import experts_reference, experts_through_table  # noqa: E402
 
 
 def main(dtype_name, T, K, seed, *flags):
@@ -51,8 +54,12 @@ def main(dtype_name, T, K, seed, *flags):
     def span(t):
         return (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
 
+    record = None
+    if "--record" in flags:  # the engine's routing record, written by the kernel
+        record = (torch.full((T, K), -7, dtype=torch.int64), torch.full((T, K), float("nan")),
+                  torch.rand(T, K, generator=g).to(dtype))
     out = experts_through_table(x, ids, w, layer, gu_tab, dn_tab, st_gu if stage else None,
-                                st_dn if stage else None, (span(pool_gu), span(pool_dn)), I)
+                                st_dn if stage else None, (span(pool_gu), span(pool_dn)), I, record=record)
     flat = ids.reshape(-1).tolist()
     gu_list = [None if e < 0 else host_gu[layer, e] for e in flat]
     dn_list = [None if e < 0 else host_dn[layer, e] for e in flat]
@@ -63,6 +70,12 @@ def main(dtype_name, T, K, seed, *flags):
            "pairs_dropped": sum(e < 0 for e in flat),
            "pairs_hit": sum(e >= 0 and e in resident for e in flat),
            "pairs_missed": sum(e >= 0 and e not in resident for e in flat)}
+    if record is not None:
+        res.update(recorded_ids=torch.equal(record[0], ids), recorded_w=torch.equal(record[1], record[2].float()))
+    if not stage:  # float32 weights are rounded to the model dtype inside (exact here: bf16 values)
+        out32 = experts_through_table(x, ids, w.float(), layer, gu_tab, dn_tab, None, None,
+                                      (span(pool_gu), span(pool_dn)), I)
+        res["float32_weights_equal"] = torch.equal(out32, out)
     if stage:
         missed = sorted({e for e in flat if e >= 0 and e not in resident})
         ranks = staging_ranks(ids.numpy(), [e in resident for e in range(E)])

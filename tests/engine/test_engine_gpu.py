@@ -3,7 +3,8 @@
 Exactness against the un-offloaded model with the decode step captured as CUDA graphs: fp32 on
 every tiny architecture x policy x capacity {1 slot/layer, half, all} (misses read zero-copy from
 pinned host memory); bf16 at the real qwen2-moe dims within the difference transformers' own
-backends show against each other; 128 identical greedy tokens on the trained pydocs-moe.
+backends show against each other; 128 identical greedy tokens on the trained pydocs-moe; the
+fused step's kernels bit for bit against torch's own ops.
 """
 
 import pytest
@@ -94,3 +95,38 @@ def test_pydocs_128_tokens(pydocs, dtype):
                     assert same == 128 and d < 1e-3, (cap, same, d)
                 else:
                     assert margin is None or margin < 0.1, (cap, same, margin)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_kernels_bitwise_equal_torch(dtype):
+    """The engine's fused kernels (expertflow/engine/fused_kernels.py) round like torch's CUDA
+    kernels: bit for bit against transformers' rotary, silu * up, the shared-expert gated sum and
+    residual add + RMSNorm, at qwen2-moe dims (slices of one fused projection, as in the step)."""
+    import torch.nn.functional as F
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import apply_rotary_pos_emb
+
+    from expertflow.engine import fused_kernels, kernels
+
+    dt = getattr(torch, dtype)
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", generator=g).to(dt)
+
+    for B in (1, 2):
+        y = randn(B, 1, 3 * 2048)
+        q = y[..., :2048].view(B, 1, 16, 128).transpose(1, 2)
+        k = y[..., 2048:4096].view(B, 1, 16, 128).transpose(1, 2)
+        cos, sin = randn(B, 1, 128), randn(B, 1, 128)
+        ref, out = apply_rotary_pos_emb(q, k, cos, sin), fused_kernels.rotary(q, k, cos, sin)
+        assert all(torch.equal(o, r) for o, r in zip(out, ref)), ("rotary", B)
+        gu = randn(B, 2 * 5632 + 1)
+        gate, up, seg = gu[:, :5632], gu[:, 5632:11264], gu[:, 11264:]
+        assert torch.equal(fused_kernels.silu_mul(gate, up), F.silu(gate) * up), ("silu_mul", B)
+        e, s, r = randn(B, 2048), randn(B, 2048), randn(B, 1, 2048)
+        want = e + torch.sigmoid(seg) * s
+        assert torch.equal(fused_kernels.gated_add(e, seg, s), want), ("gated_add", B)
+        assert torch.equal(fused_kernels.gated_add(e, seg, s, r), r + want.view(B, 1, 2048)), ("residual", B)
+        x, w = y[..., 4096:], randn(2048)
+        normed, total = fused_kernels.add_rms_norm(r, x, w, 1e-6)
+        assert torch.equal(total, r + x) and torch.equal(normed, kernels.rms_norm(r + x, w, 1e-6)), B

@@ -37,6 +37,13 @@ def test_kernel_matches_reference(dtype, T, K, seed):
     assert res["rel_err"] < tol, res
     assert res["unwritten"] == 0, res  # every output element was written (poisoned with NaN before)
     assert res["pairs_dropped"] > 0 and res["pairs_missed"] > 0 and res["pairs_hit"] > 0, res
+    assert res["float32_weights_equal"], res  # the router's float32 weights need no cast kernel
+
+
+def test_kernel_writes_the_routing_record():
+    res = _run("bfloat16", 3, 4, 3, "--record")
+    assert res["recorded_ids"] and res["recorded_w"], res  # ids (-1 kept) and float32 weights
+    assert res["rel_err"] < 5e-2, res
 
 
 def test_read_through_writes_misses_into_staging_slots():
