@@ -36,6 +36,10 @@ class StepGraphs:
         blocks now, not whenever Python collects the object)."""
         for g in self.graphs.values():
             g.reset()
+        if self.graphs and self.device is not None:
+            # the reset graphs released their private pool: the next capture needs a new one
+            # (capturing into the released pool trips the caching allocator's use_count assert)
+            self.pool = torch.cuda.graph_pool_handle()
         self.graphs.clear()
 
     def __len__(self) -> int:

@@ -2,8 +2,8 @@
 
 Exactness against the un-offloaded model with the decode step captured as CUDA graphs: fp32 on
 every tiny architecture x policy x capacity {1 slot/layer, half, all} (misses read zero-copy from
-pinned host memory); bf16 at the real qwen2-moe dims within the difference transformers' own
-backends show against each other; 128 identical greedy tokens on the trained pydocs-moe; the
+pinned host memory); bf16 at the real qwen2-moe dims within bf16's own rounding (transformers'
+backends agree bit for bit there, see the test); graphs captured again after a batch change; 128 identical greedy tokens on the trained pydocs-moe; the
 fused step's kernels bit for bit against torch's own ops.
 """
 
@@ -39,19 +39,28 @@ def test_fp32_graphs_exact_every_policy_and_capacity(name):
     print(f"{name}: max |logit diff| {worst:.2e}")
 
 
-def test_bf16_qwen2_moe_dims_within_backend_difference():
-    """bf16 rounding differs between any two kernels; the engine must differ from transformers'
-    batched_mm by no more than grouped_mm does (logits over the steps whose tokens agree), and
-    where its greedy tokens part from the reference's, the reference's top-2 margin must be a
-    near-tie of that size (random weights route and predict with tiny margins)."""
+def test_bf16_qwen2_moe_dims_within_bf16_rounding():
+    """bf16 rounding differs between any two kernels that reduce in another order. On the H200
+    transformers' batched_mm and grouped_mm give bit-identical logits at these dims (measured
+    2026-12-03: 0.0), so their difference bounds nothing; the bound is bf16 itself: against the
+    same model in fp32, the engine's bf16 logits (over the steps whose tokens agree) may differ by
+    no more than twice what transformers' own bf16 forward does, and where its greedy tokens part
+    from the fp32 model's, the fp32 top-2 margin must be a near-tie of that size (random weights
+    predict with tiny margins)."""
     spec = resolve_model("qwen2-moe")
-    model = build_model(spec, device="cuda", dtype="bfloat16", seed=0)
     ids = torch.randint(0, spec.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    model = build_model(spec, device="cuda", dtype="float32", seed=0)
+    ref32 = greedy_generate(model, ids, 8, keep_logits=True)
+    del model
+    torch.cuda.empty_cache()
+    model = build_model(spec, device="cuda", dtype="bfloat16", seed=0)
     refs = {}
     for backend in ("batched_mm", "grouped_mm"):
         model.set_experts_implementation(backend)
         refs[backend] = greedy_generate(model, ids, 8, keep_logits=True)
-    _, noise, _ = agreement(refs["grouped_mm"], refs["batched_mm"])
+    _, backends, _ = agreement(refs["grouped_mm"], refs["batched_mm"])
+    _, bf16, _ = agreement(refs["batched_mm"], ref32)
+    bound = 2 * max(bf16, 1e-3)
     experts_to_host(model)
     L, E = spec.num_moe_layers, spec.num_experts
     plan = plan_memory(spec, "40GB")
@@ -59,11 +68,33 @@ def test_bf16_qwen2_moe_dims_within_backend_difference():
         cfg = default_config(spec, plan).with_values({"cache.capacity_experts": cap})
         outs, stats, _ = run_engine(model, cfg, ids, 8, "cuda")
         for out in outs:
-            same, d, margin = agreement(out, refs["batched_mm"])
-            print(f"qwen2-moe bf16 cap {cap}: {same}/8 steps agree, max |logit diff| {d:.3e} "
-                  f"(grouped_mm vs batched_mm {noise:.3e}), margin at divergence {margin}")
-            assert d <= 2 * max(noise, 1e-3), (cap, d, noise)
-            assert margin is None or margin <= 2 * max(noise, 1e-3), (cap, margin, noise)
+            same, d, margin = agreement(out, ref32)
+            print(f"qwen2-moe bf16 cap {cap}: {same}/8 steps agree with fp32, max |logit diff| {d:.3e} "
+                  f"(transformers bf16 vs fp32 {bf16:.3e}; grouped_mm vs batched_mm {backends:.3e}), "
+                  f"fp32 margin at divergence {margin}")
+            assert d <= bound, (cap, d, bf16)
+            assert margin is None or margin <= bound, (cap, margin, bf16)
+
+
+def test_batch_change_and_recapture():
+    """Graphs are dropped when the batch changes (their memory handed back) and captured again
+    from a fresh private pool: batch 1, then 2, then 1 again, each equal to the eager reference."""
+    spec = resolve_model("tiny-qwen2-moe")
+    model = build_model(spec, device="cuda", dtype="float32", seed=0)
+    refs = {}
+    for B in (1, 2):
+        ids = torch.randint(0, spec.vocab_size, (B, 10), generator=torch.Generator().manual_seed(B))
+        refs[B] = (ids, greedy_generate(model, ids, 6, keep_logits=True))
+    plan = plan_memory(spec, "1GB", dtype="float32", max_context_tokens=64)
+    cfg = default_config(spec, plan, device="cuda", dtype="float32")
+    from expertflow.engine import attach
+
+    with attach(model, cfg, device="cuda") as eng:
+        for B in (1, 2, 1):
+            ids, ref = refs[B]
+            out = eng.generate(ids, 6)
+            assert torch.equal(out.sequences, ref.sequences), B
+            assert len(eng.graphs) > 0
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
