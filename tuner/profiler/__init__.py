@@ -127,6 +127,8 @@ def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | N
 
             res = measure_timing(spec, device=dev, dtype=dt, quick=quick, seed=seed, progress=rep)
             timing_tables, timing, timing_dtype = res.tables, {"kind": res.kind, "note": res.note}, dt
+            if res.noise is not None:
+                timing["noise"] = res.noise
             hw = collect_hardware(dev)
         timings["timing"] = time.perf_counter() - t0
 

@@ -1,0 +1,146 @@
+"""Timing that survives a busy machine: repeats in rounds, medians, a monotone fit of the token
+tables, and a verdict on whether the timing is quiet enough to rank configs (torch-free).
+
+Why. On a loaded CPU one profile measured 132.75 ms per decode layer (0.74-0.96 ms when quiet)
+and an expert-kernel table of 13.9 ms at 1 token, 0.14 at 4, 36.3 at 16: every reference was
+then predicted at ~0.94 tokens/s and the tuner's choice was arbitrary. Load only ever makes a
+measurement slower, and it comes in bursts; so:
+
+* Rounds. Each table is measured in `rounds` passes over all of its sizes (a burst then spoils
+  a few samples of every size instead of every sample of one size), and each value is the
+  median of all its samples; the decode step is timed in rounds too, and its value is the
+  median of the rounds' medians.
+* Monotone fit (`upper_fit`, CPU tables). The true cost c(t) of t tokens never falls as t grows
+  (one kernel on the CPU), and a measurement m(t) >= c(t) (noise only adds). So every larger
+  size is an upper bound, c(t) <= m(t') for t' >= t, and for the experts kernel (tokens are
+  independent: t tokens run as ceil(t / t') batches of t') also c(t) <= ceil(t / t') m(t') for
+  t' < t. The fit is the least of these bounds: never above the measurement, non-decreasing in
+  t (the bound's factor only grows with t), and a lone spike is replaced by its neighbours'
+  bound (13.9 / 0.14 / 36.3 above becomes 0.14 / 0.14 / 0.56). The raw median is kept beside it
+  (`raw_median_ms`).
+* Spread. Every row records its relative IQR, (p75 - p25) / median of its samples; the decode
+  step records the relative IQR of its rounds' medians.
+
+Criterion (stored as profile.yaml `timing.noise`, shown by ef-tune and the report): the timing
+is too noisy to rank configs when any of these holds
+  (a) the per-MoE-layer decode time (the slope between two model depths, the cost that sets a
+      CPU profile's speed) is uncertain by more than NOISE_REL_IQR: its two steps' IQRs,
+      combined, over the difference they measure; or the deeper model did not take longer;
+  (b) more than NOISY_ROW_SHARE of the kernel and layer rows have a relative IQR over
+      NOISE_REL_IQR;
+  (c) the monotone fit had to lower a measured median more than MAX_FIT_RATIO-fold (a larger
+      size measured at less than half a smaller one: one of the two was disturbed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+NOISE_REL_IQR = 0.25
+NOISY_ROW_SHARE = 0.25
+MAX_FIT_RATIO = 2.0
+CRITERION = (f"noisy when (a) the per-layer decode time is uncertain by more than {NOISE_REL_IQR:.0%} "
+             "(the IQRs of its two decode-step measurements, combined, over their difference), "
+             f"(b) more than {NOISY_ROW_SHARE:.0%} of the kernel/layer rows have a relative IQR "
+             f"(p75 - p25) / median over {NOISE_REL_IQR:.0%}, or (c) the monotone fit lowered a "
+             f"measured median more than {MAX_FIT_RATIO:g}-fold")
+
+
+def rel_iqr(samples) -> float:
+    """(p75 - p25) / median of `samples` (0 for a single sample, inf for a zero median)."""
+    x = np.asarray(samples, dtype=np.float64)
+    if x.size < 2:
+        return 0.0
+    med = float(np.median(x))
+    iqr = float(np.percentile(x, 75) - np.percentile(x, 25))
+    return iqr / med if med > 0 else (0.0 if iqr == 0 else math.inf)
+
+
+def summarize(samples) -> dict[str, float]:
+    """The row a table keeps for one measurement: median, p10, p90 (ms), rel_iqr, samples."""
+    x = np.asarray(samples, dtype=np.float64)
+    return {"median_ms": float(np.median(x)), "p10_ms": float(np.percentile(x, 10)),
+            "p90_ms": float(np.percentile(x, 90)), "rel_iqr": rel_iqr(x), "samples": int(x.size)}
+
+
+def upper_fit(sizes, values, *, subadditive: bool = False) -> np.ndarray:
+    """The least upper bound on a non-decreasing cost that every measurement gives (see the
+    module docstring); `sizes` ascending. `subadditive` adds ceil(t / t') m(t') for t' < t."""
+    t = np.asarray(sizes, dtype=np.float64)
+    m = np.asarray(values, dtype=np.float64)
+    if t.size and np.any(np.diff(t) <= 0):
+        raise ValueError("sizes must be strictly ascending")
+    out = np.empty_like(m)
+    for i in range(len(m)):
+        bound = float(m[i:].min())
+        if subadditive and i:
+            bound = min(bound, float((np.ceil(t[i] / t[:i]) * m[:i]).min()))
+        out[i] = bound
+    return out
+
+
+def fit_table(df: pd.DataFrame, key: str, *, subadditive: bool = False, group=()) -> pd.DataFrame:
+    """`df` with `median_ms` replaced by its upper fit over `key` (per `group` of columns) and
+    the measured median kept as `raw_median_ms`."""
+    out = df.sort_values([*group, key], ignore_index=True).copy()
+    out["raw_median_ms"] = out["median_ms"].astype(float)
+    parts = [idx for _, idx in out.groupby(list(group), sort=False).indices.items()] if group else [out.index]
+    for idx in parts:
+        idx = list(idx)
+        out.loc[idx, "median_ms"] = upper_fit(out.loc[idx, key].to_numpy(), out.loc[idx, "raw_median_ms"].to_numpy(),
+                                              subadditive=subadditive)
+    return out
+
+
+def fit_cpu_tables(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The CPU profile's tables with the monotone fit: kernel over tokens (sub-additive too, per
+    kernel name), layer over tokens, transfer over bytes per (pinned, concurrency), its gbps
+    recomputed from the fitted time."""
+    out = dict(tables)
+    out["kernel"] = fit_table(tables["kernel"], "tokens", subadditive=True,
+                              group=("kernel",) if "kernel" in tables["kernel"] else ())
+    out["layer"] = fit_table(tables["layer"], "tokens")
+    t = fit_table(tables["transfer"], "bytes", group=("pinned", "concurrency"))
+    t["gbps"] = t["concurrency"] * t["bytes"] / (t["median_ms"].clip(lower=1e-12) * 1e6)
+    out["transfer"] = t.sort_values(["pinned", "concurrency", "bytes"], ignore_index=True)
+    return out
+
+
+def slope_spread(small: list[float], deep: list[float], depths: tuple[int, int]) -> tuple[float, float]:
+    """(per-layer slope, its relative uncertainty) from two depths' decode-step round medians:
+    slope = (median deep - median small) / (deep - small); uncertainty = the two IQRs combined
+    (root sum of squares) over the difference; inf when the deeper model was not slower."""
+    s, d = np.asarray(small, dtype=np.float64), np.asarray(deep, dtype=np.float64)
+    diff = float(np.median(d) - np.median(s))
+    slope = diff / (depths[1] - depths[0])
+    iqr = math.hypot(*(float(np.percentile(x, 75) - np.percentile(x, 25)) for x in (s, d)))
+    return slope, (iqr / diff if diff > 0 else math.inf)
+
+
+def noise_verdict(tables: dict[str, pd.DataFrame], *, decode_spread: float | None) -> dict:
+    """The profile's `timing.noise` record: the numbers behind the criterion and the verdict."""
+    spreads = np.concatenate([tables[n]["rel_iqr"].to_numpy(dtype=np.float64) for n in ("kernel", "layer")
+                              if n in tables and "rel_iqr" in tables[n]] or [np.zeros(0)])
+    over = int((spreads > NOISE_REL_IQR).sum())
+    ratio = 1.0
+    for n in ("kernel", "layer", "transfer"):
+        t = tables.get(n)
+        if t is not None and "raw_median_ms" in t and len(t):
+            ratio = max(ratio, float((t["raw_median_ms"] / t["median_ms"].clip(lower=1e-12)).max()))
+    reasons = []
+    if decode_spread is not None and not decode_spread <= NOISE_REL_IQR:
+        reasons.append("the per-layer decode time did not grow with depth" if math.isinf(decode_spread)
+                       else f"the per-layer decode time is uncertain by {decode_spread:.0%}")
+    if spreads.size and over > NOISY_ROW_SHARE * spreads.size:
+        reasons.append(f"{over} of {spreads.size} kernel/layer rows spread over {NOISE_REL_IQR:.0%} (relative IQR)")
+    if ratio > MAX_FIT_RATIO:
+        reasons.append(f"a measured median was {ratio:.1f}x the monotone fit")
+    spread = None if decode_spread is None else (None if math.isinf(decode_spread) else round(decode_spread, 4))
+    return {"criterion": CRITERION, "threshold_rel_iqr": NOISE_REL_IQR, "noisy": bool(reasons),
+            "reasons": reasons, "decode_layer_spread": spread,
+            "rows_over_threshold": over, "rows": int(spreads.size),
+            "max_rel_iqr": round(float(spreads.max()), 4) if spreads.size else None,
+            "max_fit_ratio": round(ratio, 3)}
