@@ -155,7 +155,10 @@ def get_profile(spec, out_dir: Path, *, profile_dir=None, resume: bool, hardware
         notes.append(f"--hardware {hardware} ignored: the given profile has hardware "
                      f"{prof.meta['hardware'].get('source')}")
     if prof.routing_kind == "synthetic":
-        notes.append("SYNTHETIC routing: no trained weights, so expert choices come from the "
+        why = ("the profile's routing is synthetic although this checkpoint has trained weights "
+               "(profiled with --routing synthetic; profile without it to use its router)"
+               if spec.has_weights else "no trained weights")
+        notes.append(f"SYNTHETIC routing: {why}, so expert choices come from the "
                      "calibrated generator, not from this model's router")
     return prof, src
 

@@ -43,7 +43,10 @@ def cite_measurements(text: str) -> str:
 
 def _routing_note(kind: str, spec, n_prompts: int, n_tokens: int, params=None, targets=None) -> str:
     if kind == "synthetic":
-        return (f"SYNTHETIC routing: {spec.name} has no trained weights here, so the routing trace "
+        why = (f"{spec.name} has trained weights, but synthetic routing was asked for (--routing "
+               "synthetic; the default, auto, runs its trained router)" if spec.has_weights
+               else f"{spec.name} has no trained weights here")
+        return (f"SYNTHETIC routing: {why}, so the routing trace "
                 f"({n_tokens} tokens, sized to {n_prompts} prompts) comes from ExpertFlow's synthetic "
                 f"generator (preset {params.preset}, calibrated to {cite_measurements(targets.source)}). Hit rates, "
                 "prefetch accuracy and quality estimates rest on this generator, not on the model's "
