@@ -55,12 +55,10 @@ def dropped_mass_table(trace, thresholds=THRESHOLDS, *, min_k: int = 1) -> list[
 # ---- prompts --------------------------------------------------------------------------------
 def default_prompt_file(spec) -> Path | None:
     """The checkpoint's own prompts.jsonl when it ships one (pydocs-moe does), else None (the
-    profiler's embedded prompt set)."""
-    if spec.checkpoint:
-        f = Path(spec.checkpoint) / "prompts.jsonl"
-        if f.is_file():
-            return f
-    return None
+    profiler's embedded prompt set): the same choice the profiler makes for the trace."""
+    from .profiler.activation import default_prompt_file as own
+
+    return own(spec)
 
 
 def prompt_ids(spec, path=None, *, n_prompts: int | None = None, max_tokens: int = 64,

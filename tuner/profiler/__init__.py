@@ -86,7 +86,7 @@ def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | N
     spec = model if isinstance(model, ModelSpec) else resolve_model(model)
     dev = resolve_device(device)
     dt = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
-    texts = activation.load_prompts(prompts)
+    texts = activation.load_prompts(prompts if prompts is not None else activation.default_prompt_file(spec))
     tokens = activation.tokenize_prompts(spec, texts, max_tokens)
     kind = routing if routing != "auto" else ("real" if spec.has_weights else "synthetic")
     n_tokens = int(sum(len(t) for t in tokens))
@@ -158,7 +158,7 @@ def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | N
                   "has_weights": spec.has_weights},
         "hardware": hw,
         "routing": {"kind": kind, "tokens": n_tokens, "prompts": len(tokens),
-                    "source": str(prompts) if prompts else "embedded default prompt set",
+                    "source": activation.prompt_source(spec, prompts),
                     "tokenizer": activation.tokenizer_kind(spec),
                     "note": _routing_note(kind, spec, len(tokens), n_tokens, params, targets),
                     "synthetic": params.as_dict() if params is not None else None,

@@ -9,7 +9,8 @@ describe decode streams.
 
 Prompt files: JSONL (one object per line with a string "prompt" field; chosen for *.jsonl /
 *.json files or when the first non-blank line starts with "{"), else plain text with prompts
-separated by blank lines. The default set ships in tuner/data/prompts.jsonl.
+separated by blank lines. Without a file: the checkpoint's own prompts.jsonl when it has one
+(`default_prompt_file`), else the set that ships in tuner/data/prompts.jsonl.
 """
 
 from __future__ import annotations
@@ -38,6 +39,25 @@ MAX_BATCH = 64
 # ---- prompts ---------------------------------------------------------------------------------
 def default_prompts_path() -> Path:
     return Path(str(resources.files("tuner") / "data" / "prompts.jsonl"))
+
+
+def default_prompt_file(spec) -> Path | None:
+    """The prompt set used when none is given: the checkpoint's own prompts.jsonl when it ships
+    one (pydocs-moe does), else None (the embedded set). The profiler's trace and the quality
+    table both start from it, so routing and quality are measured on the same prompts."""
+    if getattr(spec, "checkpoint", None):
+        f = Path(spec.checkpoint) / "prompts.jsonl"
+        if f.is_file():
+            return f
+    return None
+
+
+def prompt_source(spec, path: str | Path | None) -> str:
+    """Where the prompts come from, in words (profile.yaml routing.source)."""
+    if path is not None:
+        return str(path)
+    own = default_prompt_file(spec)
+    return f"{own} (the checkpoint's own prompts)" if own else "embedded default prompt set"
 
 
 def load_prompts(path: str | Path | None = None) -> list[str]:
