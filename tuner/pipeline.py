@@ -233,7 +233,7 @@ def tune(model: str, budget: str, *, trials: int | None = None, timeout: float |
          out: str | os.PathLike | None = None, hardware: str | None = None,
          profile: str | os.PathLike | None = None, prompts: str | None = None,
          search_space: str | os.PathLike | None = None, max_quality_loss: float | None = None,
-         max_context: int = 4096, max_batch: int = 1, storage: str | None = None,
+         max_context: int | None = None, max_batch: int = 1, storage: str | None = None,
          study: str | None = None, resume: bool = False, seed: int = 0, device: str = "auto",
          validate: bool = True, report: bool = True, jobs: int | None = None,
          progress: bool = True, quality_prompts: int = QUALITY_PROMPTS,
@@ -251,7 +251,7 @@ def tune(model: str, budget: str, *, trials: int | None = None, timeout: float |
     that holds files ef-tune did not write is refused (OutputError) unless `force`; a run that
     fails with an ExpertFlowError leaves `out` as it found it.
     """
-    from expertflow.budget import parse_size, plan_memory
+    from expertflow.budget import check_max_context, parse_size, plan_memory
     from expertflow.registry import resolve_model
 
     from .search_space import load_space, packaged_space
@@ -265,6 +265,7 @@ def tune(model: str, budget: str, *, trials: int | None = None, timeout: float |
     spec = resolve_model(model)
     parsed = parse_size(budget)
     dtype = "bfloat16"
+    max_context = check_max_context(spec, max_context)  # the model's own limit by default
     plan = plan_memory(spec, parsed, max_context_tokens=max_context, max_batch=max_batch, dtype=dtype)
     raw_space = load_space(search_space) if search_space else packaged_space(Path(spec.name).name)
     if prompts is not None:
