@@ -185,13 +185,9 @@ def quality_side(spec, prof, space, *, cap: float | None, prompts=None, device: 
             dev = "cuda" if _gpu_here(device) else "cpu"
             dtype = "bfloat16" if dev == "cuda" else "float32"
             renorms = [False, True] if "adaptive_k.renormalize" in space else [False]
-            tables = {}
-            rows = None
-            for r in renorms:
-                t = quality.measure_quality(spec, ths, prompts=ids, device=dev, dtype=dtype,
-                                            renormalize=r, progress=progress)
-                tables[r] = t.loss_table()
-                rows = rows or t.as_dicts()
+            tables, rows = quality.measure_tables(  # per (renormalize, min_k) the space searches
+                spec, ths, prompts=ids, min_ks=quality.searched_min_ks(space, spec.top_k),
+                renorms=renorms, device=dev, dtype=dtype, progress=progress)
             out.update(metric="perplexity_increase", table=rows, tables=tables, prompt_ids=ids,
                        device=dev, dtype=dtype)
             return out
