@@ -12,9 +12,10 @@ from .objective import trial_config
 
 
 def final_choice(ctx, done: list[dict], cap, *, spec, base, prof, q: dict, seed: int, finalists: int,
-                 final_tokens: int | None, study_name: str, notes: list[str]
-                 ) -> tuple[dict, list[dict], dict | None, dict | None]:
-    """(chosen, rescored finalists, its measured quality or None, the sensitivity record or None)."""
+                 final_tokens: int | None, study_name: str, notes: list[str], prompts=None
+                 ) -> tuple[dict, list[dict], dict | None, dict | None, dict | None]:
+    """(chosen, rescored finalists, its measured quality or None, the sensitivity record or None,
+    the adaptive-k trace check or None)."""
     chosen, scored = export.final_choice(ctx, done, cap, finalists=finalists,
                                          max_decode_tokens=final_tokens, study_name=study_name)
     sens = None
@@ -32,7 +33,15 @@ def final_choice(ctx, done: list[dict], cap, *, spec, base, prof, q: dict, seed:
         chosen, measured = verify_quality(spec, base, chosen, scored, done, ctx, cap, q, final_tokens, notes)
         if sens is not None and chosen["number"] != before:
             sens["quality_choice"] = chosen["number"]  # the band's pick measured over the cap
-    return chosen, scored, measured, sens
+    check = None
+    if q["prompt_ids"] and prof.routing_kind == "real":  # real weights: re-record under adaptive-k
+        from .adaptive_trace import count_error
+        from .profiler.activation import default_prompt_file, load_prompts, tokenize_prompts
+
+        tokens = tokenize_prompts(spec, load_prompts(prompts if prompts is not None else default_prompt_file(spec)))
+        check = count_error(spec, prof, ctx, scored, token_lists=tokens, device=q["device"], dtype=q["dtype"],
+                            max_decode_tokens=final_tokens, notes=notes)
+    return chosen, scored, measured, sens, check
 
 
 def verify_quality(spec, base, chosen, finalists, done, ctx, cap, q, final_tokens, notes

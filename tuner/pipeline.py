@@ -191,7 +191,7 @@ def quality_side(spec, prof, space, *, cap: float | None, prompts=None, device: 
                 spec, ths, prompts=ids, min_ks=quality.searched_min_ks(space, spec.top_k),
                 renorms=renorms, device=dev, dtype=dtype, progress=progress)
             out.update(metric="perplexity_increase", table=rows, tables=tables, prompt_ids=ids,
-                       device=dev, dtype=dtype)
+                       device=dev, dtype=dtype, prompts=prompts)
             return out
     out["table"] = quality.dropped_mass_table(prof.trace, ths)
     return out
@@ -428,9 +428,9 @@ def _export(out_dir, spec, parsed, plan, prof, prof_dir, hw_meta, base, ctx, cos
     storage_url = run.storage_url
     t0 = time.perf_counter()
     done = completed_trials(run.study)
-    chosen, finalists, measured_quality, sens = choice.final_choice(
+    chosen, finalists, measured_quality, sens, trace_check = choice.final_choice(
         ctx, done, cap, spec=spec, base=base, prof=prof, q=q, seed=seed, finalists=FINALISTS,
-        final_tokens=final_decode_tokens, study_name=study_name, notes=notes)
+        final_tokens=final_decode_tokens, study_name=study_name, notes=notes, prompts=q.get("prompts"))
     refs = references(ctx, spec, plan, costs, baselines, decode_tokens=final_decode_tokens)
     timings["choose"] = time.perf_counter() - t0
 
@@ -493,7 +493,7 @@ def _export(out_dir, spec, parsed, plan, prof, prof_dir, hw_meta, base, ctx, cos
                     **({"chosen_measured": measured_quality} if measured_quality else {})},
         "chosen": {"trial": chosen["number"], "params": chosen["params"], "predicted": chosen["metrics"],
                    "rule": sens["rule"] if sens else export.RULE},
-        "sensitivity": sens, "timing_noise": trust.timing_noise(prof),
+        "sensitivity": sens, "timing_noise": trust.timing_noise(prof), "adaptive_trace": trace_check,
         "references": refs,
         "pareto": [{"trial": t["number"], "values": t["values"], "params": t["params"]}
                    for t in pareto_front(done)],

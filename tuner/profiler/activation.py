@@ -167,8 +167,12 @@ def _batches(token_lists: list[list[int]]):
 
 
 def record_routing(spec: ModelSpec, token_lists: list[list[int]], *, device, dtype: str,
-                   seed: int = 0, progress: Reporter = NULL) -> RoutingTrace:
-    """Run the prompts through the model with the runtime attached; return the routing trace."""
+                   seed: int = 0, progress: Reporter = NULL, values: dict | None = None) -> RoutingTrace:
+    """Run the prompts through the model with the runtime attached; return the routing trace.
+
+    `values`: dotted config keys for the run, e.g. {"adaptive_k.threshold": 0.8}: the trace then
+    records each layer's router top-k while the experts adaptive-k drops are left out of the
+    computation, so later layers route the hidden states adaptive-k makes."""
     import torch
 
     from expertflow.budget import plan_memory
@@ -183,7 +187,7 @@ def record_routing(spec: ModelSpec, token_lists: list[list[int]], *, device, dty
     plan = plan_memory(spec, 2 ** 50, dtype=dtype, max_context_tokens=MAX_PROMPT_TOKENS)
     priors = [[1.0 / spec.num_experts] * spec.num_experts for _ in range(spec.num_moe_layers)]
     config = default_config(spec, plan, priors=priors, device=str(dev), dtype=dtype).with_values(
-        {"prefetch.depth": 0, "cache.warm_start": True, "runtime.record_trace": True})
+        {"prefetch.depth": 0, "cache.warm_start": True, "runtime.record_trace": True, **(values or {})})
     source = (f"real routing of {spec.name}" + ("" if spec.has_weights else " (RANDOM weights)")
               + f", {len(token_lists)} prompts, {dtype} on {dev.type}")
     handle = offload(model, config, device=str(dev), record_trace=True,
