@@ -150,7 +150,11 @@ def test_cli_json_summary(tmp_path, capsys):
     for key in ("pinned_gbps", "pinned_1gib_gbps", "expert_copy_ms", "expert_kernel_ms", "layer_ms",
                 "decode_layer_ms", "top25_traffic_share_mean", "lru_hit_25_mean"):
         assert key in summary["summary"], key
-    assert Profile.load(summary["profile_dir"]).profile_id == summary["profile_id"]
+    back = Profile.load(summary["profile_dir"])
+    assert back.profile_id == summary["profile_id"]
+    noise = back.meta["timing"]["noise"]  # a CPU profile records its noise verdict, round-tripped
+    assert summary["timing_noisy"] is noise["noisy"] and "relative IQR" in noise["criterion"]
+    assert {"rel_iqr", "raw_median_ms"} <= set(back.tables["kernel"].columns)
 
 
 @pytest.mark.parametrize("content,needle", [("", "holds no prompts"), ("\n  \n", "holds no prompts"),

@@ -184,6 +184,7 @@ def profile_summary(profile) -> dict:
             "gpu_name": m["hardware"].get("gpu_name"), "hardware_source": m["hardware"].get("source"),
             "routing": m["routing"]["kind"], "routing_note": m["routing"]["note"],
             "timing": m["timing"]["kind"], "tokens": m["routing"]["tokens"],
+            "timing_noisy": bool((m["timing"].get("noise") or {}).get("noisy")),
             "summary": m["summary"], "elapsed_s": m["timings_s"]["total"]}
 
 
@@ -212,6 +213,10 @@ def cli_profile(args) -> int:
     print(f"profile {s['profile_id']} written to {s['profile_dir']} ({s['elapsed_s']:.1f} s)")
     print(f"routing: {s['routing']} - {s['routing_note']}")
     print(f"timing: {s['timing']} on {s['gpu_name'] or s['device']}")
+    if s["timing_noisy"]:
+        noise = profile.meta["timing"]["noise"]
+        print(f"  WARNING: timing too noisy to rank configs ({'; '.join(noise['reasons'])}); re-profile "
+              "with nothing else running on this machine")
     print(f"  host->device pinned {h['pinned_gbps']:.1f} GB/s (1 GiB copy {h.get('pinned_1gib_gbps', 0):.1f}), "
           f"pageable {h['pageable_gbps']:.1f} GB/s; one expert {h['expert_copy_ms']:.3f} ms")
     print(f"  expert kernel {h['expert_kernel_ms']:.3f} ms at 1 token; layer (non-expert) "
