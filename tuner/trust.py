@@ -33,7 +33,8 @@ def timing_note(noise: dict[str, Any] | None) -> str | None:
     if not noise or not noise.get("noisy"):
         return None
     why = "; ".join(noise.get("reasons") or ["the spread criterion"])
-    return (f"WARNING: timing too noisy to rank configs ({why}; criterion: {noise.get('criterion')}): "
+    return (f"WARNING: timing too noisy to rank configs ({why}; the criterion is in the profile's "
+            "profile.yaml, timing.noise): "
             "the predicted speeds, and which config is fastest, may change from run to run; "
             "re-profile with nothing else running on this machine, or tune for a bundled GPU "
             "with --hardware h200")
