@@ -38,11 +38,16 @@ def test_rel_iqr_and_summarize():
     assert robust.rel_iqr([1, 2, 3, 4, 5]) == pytest.approx(2 / 3)
     row = robust.summarize([1, 2, 3, 4, 5])
     assert row["median_ms"] == 3 and row["samples"] == 5 and row["p10_ms"] < row["median_ms"] < row["p90_ms"]
+    # rounds: 3 of 5 loaded (50x): the median of all 15 samples is a loaded one, the least-loaded
+    # round's median is the quiet value, and the spread says the rounds disagreed
+    loaded = robust.summarize(rounds=[[50.0, 51, 52], [1.0, 1.1, 0.9], [50.0, 50, 50], [1.0, 1.0, 1.2], [49.0, 50, 51]])
+    assert loaded["median_ms"] == pytest.approx(1.0) and loaded["samples"] == 15
+    assert loaded["rel_iqr"] > robust.NOISE_REL_IQR
 
 
 def test_slope_spread_says_when_the_deeper_model_is_not_slower():
     slope, spread = robust.slope_spread([2.0, 2.0, 2.1], [4.0, 4.1, 4.0], (1, 3))
-    assert slope == pytest.approx(1.0) and spread < 0.1
+    assert slope == pytest.approx(1.0) and spread < 0.1  # (least 4.0 - least 2.0) / 2 layers
     assert math.isinf(robust.slope_spread([5.0, 5.0], [4.0, 4.0], (1, 3))[1])
 
 

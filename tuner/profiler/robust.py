@@ -7,9 +7,11 @@ then predicted at ~0.94 tokens/s and the tuner's choice was arbitrary. Load only
 measurement slower, and it comes in bursts; so:
 
 * Rounds. Each table is measured in `rounds` passes over all of its sizes (a burst then spoils
-  a few samples of every size instead of every sample of one size), and each value is the
-  median of all its samples; the decode step is timed in rounds too, and its value is the
-  median of the rounds' medians.
+  a few rounds of every size instead of every sample of one size), and each value is the median
+  of its least-loaded round: every round's median is an upper bound on the quiet median (load
+  only adds), so the least of them is the tightest, and it is right as long as one round of R
+  was quiet (the median of all samples needs half of them quiet). The decode step is timed the
+  same way: the least of its rounds' medians.
 * Monotone fit (`upper_fit`, CPU tables). The true cost c(t) of t tokens never falls as t grows
   (one kernel on the CPU), and a measurement m(t) >= c(t) (noise only adds). So every larger
   size is an upper bound, c(t) <= m(t') for t' >= t, and for the experts kernel (tokens are
@@ -59,10 +61,14 @@ def rel_iqr(samples) -> float:
     return iqr / med if med > 0 else (0.0 if iqr == 0 else math.inf)
 
 
-def summarize(samples) -> dict[str, float]:
-    """The row a table keeps for one measurement: median, p10, p90 (ms), rel_iqr, samples."""
-    x = np.asarray(samples, dtype=np.float64)
-    return {"median_ms": float(np.median(x)), "p10_ms": float(np.percentile(x, 10)),
+def summarize(samples=None, rounds=None) -> dict[str, float]:
+    """The row a table keeps for one measurement: median_ms (the median of its least-loaded
+    round when `rounds`, a list of per-round sample arrays, is given; else of `samples`), p10,
+    p90 and rel_iqr over all samples, and their count."""
+    parts = [np.asarray(r, dtype=np.float64) for r in rounds] if rounds is not None else None
+    x = np.concatenate(parts) if parts else np.asarray(samples, dtype=np.float64)
+    med = min(float(np.median(r)) for r in parts) if parts else float(np.median(x))
+    return {"median_ms": med, "p10_ms": float(np.percentile(x, 10)),
             "p90_ms": float(np.percentile(x, 90)), "rel_iqr": rel_iqr(x), "samples": int(x.size)}
 
 
@@ -111,10 +117,11 @@ def fit_cpu_tables(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
 
 def slope_spread(small: list[float], deep: list[float], depths: tuple[int, int]) -> tuple[float, float]:
     """(per-layer slope, its relative uncertainty) from two depths' decode-step round medians:
-    slope = (median deep - median small) / (deep - small); uncertainty = the two IQRs combined
-    (root sum of squares) over the difference; inf when the deeper model was not slower."""
+    slope = (least deep - least small) / (deep - small); uncertainty = the two IQRs of the round
+    medians combined (root sum of squares) over the difference; inf when the deeper model was
+    not slower."""
     s, d = np.asarray(small, dtype=np.float64), np.asarray(deep, dtype=np.float64)
-    diff = float(np.median(d) - np.median(s))
+    diff = float(d.min() - s.min())
     slope = diff / (depths[1] - depths[0])
     iqr = math.hypot(*(float(np.percentile(x, 75) - np.percentile(x, 25)) for x in (s, d)))
     return slope, (iqr / diff if diff > 0 else math.inf)

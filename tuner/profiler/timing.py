@@ -120,9 +120,10 @@ class _Clock:
         return np.asarray(out, dtype=np.float64)
 
 
-def _row(times_ms: np.ndarray) -> dict:
-    """median_ms, p10_ms, p90_ms, rel_iqr and samples of one measurement (profiler.robust)."""
-    return summarize(times_ms)
+def _row(times_ms: np.ndarray | None = None, rounds: list | None = None) -> dict:
+    """median_ms, p10_ms, p90_ms, rel_iqr and samples of one measurement (profiler.robust):
+    with `rounds` (per-round samples) median_ms is the least-loaded round's median."""
+    return summarize(times_ms, rounds)
 
 
 # ---- transfer --------------------------------------------------------------------------------
@@ -271,11 +272,11 @@ def measure_layer(model, dev: torch.device, tokens, *, reps: int, progress: Repo
                     pid = torch.arange(t, device=dev)[None]
                     pe = model.model.rotary_emb(h, pid)
                     fn = partial(layer, h, attention_mask=None, position_ids=pid, position_embeddings=pe)
-                    samples[t].extend(clock.times_ms(fn, warmup=2, reps=reps))
+                    samples[t].append(clock.times_ms(fn, warmup=2, reps=reps))
                     task.advance()
     finally:
         model.set_experts_implementation(prev if len(prev) > 1 else prev.get("") or "grouped_mm")
-    return pd.DataFrame([{"tokens": t, **_row(np.asarray(x))} for t, x in samples.items()])
+    return pd.DataFrame([{"tokens": t, **_row(rounds=x)} for t, x in samples.items()])
 
 
 def measure_kernel(handle, dev: torch.device, tokens, *, reps: int, progress: Reporter = NULL,
@@ -291,10 +292,10 @@ def measure_kernel(handle, dev: torch.device, tokens, *, reps: int, progress: Re
                 w = torch.ones(t, 1, device=dev, dtype=handle.dtype)
                 slots = np.zeros((t, 1), dtype=np.int64)  # every token -> slot 0 (layer 0's expert)
                 fn = partial(handle.run_experts, 0, h, slots, w)
-                samples[t].extend(clock.times_ms(fn, warmup=2, reps=reps))
+                samples[t].append(clock.times_ms(fn, warmup=2, reps=reps))
                 task.advance()
     # the runtime's own kernel choice for t token-expert pairs
-    return pd.DataFrame([{"tokens": t, **_row(np.asarray(x)), "kernel": handle.kernel_name(t)}
+    return pd.DataFrame([{"tokens": t, **_row(rounds=x), "kernel": handle.kernel_name(t)}
                          for t, x in samples.items()])
 
 
@@ -405,7 +406,7 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
     kernel = measure_kernel(handle, dev, KERNEL_TOKENS_QUICK if quick else KERNEL_TOKENS, reps=reps,
                             progress=progress, rounds=rounds)
     small_r = measure_decode_rounds(model, spec.vocab_size, dev, steps=decode_steps, seed=seed, rounds=rounds)
-    step_small = float(np.median(small_r))
+    step_small = min(small_r)  # the least-loaded round (profiler.robust)
     task.advance()
     runtime["sync_ms"] = measure_sync_ms(dev, reps=20 if quick else 50)
     if cuda:
@@ -416,7 +417,7 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
     model = _build(reduced_spec(spec, deep), dev, dtype, seed)
     handle = _attach(model, reduced_spec(spec, deep), dev, dtype)
     deep_r = measure_decode_rounds(model, spec.vocab_size, dev, steps=decode_steps, seed=seed, rounds=rounds)
-    step_deep = float(np.median(deep_r))
+    step_deep = min(deep_r)
     task.advance()
     handle.detach()
     # Host cost per MoE layer of the predictor (prefetch on, nothing to fetch: every expert is
@@ -425,8 +426,8 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
     for name, values in (("predictor_host_ms", {"prefetch.depth": 1}),
                          ("adaptive_host_ms", {"adaptive_k.threshold": 0.9})):
         handle = _attach(model, reduced_spec(spec, deep), dev, dtype, **values)
-        step = float(np.median(measure_decode_rounds(model, spec.vocab_size, dev, steps=decode_steps,
-                                                     seed=seed, rounds=rounds)))
+        step = min(measure_decode_rounds(model, spec.vocab_size, dev, steps=decode_steps, seed=seed,
+                                         rounds=rounds))
         handle.detach()
         extras[name] = max(0.0, (step - step_deep) / deep)
     del handle, model
