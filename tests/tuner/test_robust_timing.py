@@ -128,3 +128,24 @@ def test_cpu_profiler_survives_bursts_of_load_and_says_when_it_was_noisy(monkeyp
     assert np.all(np.diff(k["median_ms"].to_numpy()) >= 0)
     assert res.noise["noisy"] and any("monotone fit" in r for r in res.noise["reasons"])
     assert res.noise["max_fit_ratio"] == pytest.approx(100 * kernel_ms(4) / k.loc[4, "median_ms"], rel=1e-3)
+
+
+def test_load_meter_sees_another_process_and_the_verdict_says_so():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    meter = robust.LoadMeter()
+    if meter.start is None:
+        pytest.skip("no /proc/stat here (not Linux)")
+    # a process that is not our child (a waited-for child's time counts as this process's own)
+    loop = "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"
+    subprocess.run(["sh", "-c", f'"{sys.executable}" -c "{loop}" &'], check=True, timeout=30)
+    time.sleep(1.7)
+    share = meter.others_share()
+    assert share is not None and share > 0.5 / (os.cpu_count() or 1)  # one busy core of cpu_count
+    loaded = robust.noise_verdict(_tables(0.05), decode_spread=0.05, others_cpu=0.6)
+    assert loaded["noisy"] and "other processes used 60%" in loaded["reasons"][0]
+    assert loaded["others_cpu_share"] == 0.6
+    assert not robust.noise_verdict(_tables(0.05), decode_spread=0.05, others_cpu=0.1)["noisy"]

@@ -31,7 +31,9 @@ is too noisy to rank configs when any of these holds
   (b) more than NOISY_ROW_SHARE of the kernel and layer rows have a relative IQR over
       NOISE_REL_IQR;
   (c) the monotone fit had to lower a measured median more than MAX_FIT_RATIO-fold (a larger
-      size measured at less than half a smaller one: one of the two was disturbed).
+      size measured at less than half a smaller one: one of the two was disturbed);
+  (d) other processes used more than MAX_OTHERS_CPU of the machine's CPU time while the timing
+      ran (`LoadMeter`; sustained load slows every sample alike, which (a)-(c) cannot see).
 """
 
 from __future__ import annotations
@@ -44,11 +46,44 @@ import pandas as pd
 NOISE_REL_IQR = 0.25
 NOISY_ROW_SHARE = 0.25
 MAX_FIT_RATIO = 2.0
+MAX_OTHERS_CPU = 0.25
 CRITERION = (f"noisy when (a) the per-layer decode time is uncertain by more than {NOISE_REL_IQR:.0%} "
              "(the IQRs of its two decode-step measurements, combined, over their difference), "
              f"(b) more than {NOISY_ROW_SHARE:.0%} of the kernel/layer rows have a relative IQR "
-             f"(p75 - p25) / median over {NOISE_REL_IQR:.0%}, or (c) the monotone fit lowered a "
-             f"measured median more than {MAX_FIT_RATIO:g}-fold")
+             f"(p75 - p25) / median over {NOISE_REL_IQR:.0%}, (c) the monotone fit lowered a "
+             f"measured median more than {MAX_FIT_RATIO:g}-fold, or (d) other processes used more than "
+             f"{MAX_OTHERS_CPU:.0%} of this machine's CPU time while it was timed (Linux /proc/stat)")
+
+
+class LoadMeter:
+    """The share of this machine's CPU time that other processes used between start and
+    `others_share()` (Linux: /proc/stat busy time, steal included, minus this process's own
+    /proc/self/stat time); None where /proc cannot be read. Sustained load from others slows
+    every measurement alike, so spreads alone cannot see it; this does."""
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int, int] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                cpu = [int(x) for x in f.readline().split()[1:]]
+            with open("/proc/self/stat", encoding="ascii") as f:
+                own = f.read().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            return None
+        busy = sum(cpu[:3]) + sum(cpu[5:8])  # user nice system, irq softirq steal
+        total = busy + cpu[3] + (cpu[4] if len(cpu) > 4 else 0)  # + idle iowait
+        mine = sum(int(x) for x in own[11:15])  # utime stime cutime cstime
+        return busy, total, mine
+
+    def others_share(self) -> float | None:
+        end = self._read()
+        if self.start is None or end is None or end[1] <= self.start[1]:
+            return None
+        others = (end[0] - self.start[0]) - (end[2] - self.start[2])
+        return max(0.0, others / (end[1] - self.start[1]))
 
 
 def rel_iqr(samples) -> float:
@@ -127,7 +162,8 @@ def slope_spread(small: list[float], deep: list[float], depths: tuple[int, int])
     return slope, (iqr / diff if diff > 0 else math.inf)
 
 
-def noise_verdict(tables: dict[str, pd.DataFrame], *, decode_spread: float | None) -> dict:
+def noise_verdict(tables: dict[str, pd.DataFrame], *, decode_spread: float | None,
+                  others_cpu: float | None = None) -> dict:
     """The profile's `timing.noise` record: the numbers behind the criterion and the verdict."""
     spreads = np.concatenate([tables[n]["rel_iqr"].to_numpy(dtype=np.float64) for n in ("kernel", "layer")
                               if n in tables and "rel_iqr" in tables[n]] or [np.zeros(0)])
@@ -145,9 +181,12 @@ def noise_verdict(tables: dict[str, pd.DataFrame], *, decode_spread: float | Non
         reasons.append(f"{over} of {spreads.size} kernel/layer rows spread over {NOISE_REL_IQR:.0%} (relative IQR)")
     if ratio > MAX_FIT_RATIO:
         reasons.append(f"a measured median was {ratio:.1f}x the monotone fit")
+    if others_cpu is not None and others_cpu > MAX_OTHERS_CPU:
+        reasons.append(f"other processes used {others_cpu:.0%} of this machine's CPU time while it was timed")
     spread = None if decode_spread is None else (None if math.isinf(decode_spread) else round(decode_spread, 4))
     return {"criterion": CRITERION, "threshold_rel_iqr": NOISE_REL_IQR, "noisy": bool(reasons),
             "reasons": reasons, "decode_layer_spread": spread,
             "rows_over_threshold": over, "rows": int(spreads.size),
             "max_rel_iqr": round(float(spreads.max()), 4) if spreads.size else None,
-            "max_fit_ratio": round(ratio, 3)}
+            "max_fit_ratio": round(ratio, 3),
+            "others_cpu_share": None if others_cpu is None else round(float(others_cpu), 4)}

@@ -49,7 +49,7 @@ import torch
 from expertflow.registry import ModelSpec
 
 from ..progress import NULL, Reporter
-from .robust import fit_cpu_tables, noise_verdict, slope_spread, summarize
+from .robust import LoadMeter, fit_cpu_tables, noise_verdict, slope_spread, summarize
 
 log = logging.getLogger(__name__)
 
@@ -382,6 +382,7 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
     bpe = spec.bytes_per_expert(dtype)
     reps = (5 if quick else 15) if cuda else (3 if quick else 7)
     rounds = 1 if cuda else (5 if quick else 7)  # CPU: rounds over all sizes (profiler.robust)
+    load = LoadMeter()
     conc = CONCURRENCY_QUICK if quick else CONCURRENCY
     if base_transfer is None:
         sizes = list(SIZES_BYTES_QUICK if quick else SIZES_BYTES) + [bpe]
@@ -448,7 +449,8 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
     noise = None
     if not cuda:  # a shared CPU: monotone fit of the token tables, and the noise verdict
         tables = fit_cpu_tables(tables)
-        noise = noise_verdict(tables, decode_spread=slope_spread(small_r, deep_r, (small, deep))[1])
+        noise = noise_verdict(tables, decode_spread=slope_spread(small_r, deep_r, (small, deep))[1],
+                              others_cpu=load.others_share())
     if cuda:
         kind = "measured-gpu"
         note = (f"measured on {torch.cuda.get_device_name(dev)} with random weights at the real dims "
