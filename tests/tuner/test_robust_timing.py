@@ -64,7 +64,8 @@ def test_noise_verdict_quiet_and_each_reason():
     quiet = robust.noise_verdict(_tables(0.05), decode_spread=0.05)
     assert quiet["noisy"] is False and quiet["reasons"] == [] and quiet["threshold_rel_iqr"] == robust.NOISE_REL_IQR
     assert "relative IQR" in quiet["criterion"]
-    spread = robust.noise_verdict(_tables(0.6), decode_spread=0.05)
+    assert not robust.noise_verdict(_tables(0.6), decode_spread=0.05)["noisy"]  # quiet CPU jitter
+    spread = robust.noise_verdict(_tables(5.0), decode_spread=0.05)
     assert spread["noisy"] and spread["rows_over_threshold"] == 7 and "rows" in spread["reasons"][0]
     spike = robust.noise_verdict(_tables(0.05, spike=100.0), decode_spread=0.05)
     assert spike["noisy"] and spike["max_fit_ratio"] == pytest.approx(100 * 0.1 / 0.12, rel=1e-3)
