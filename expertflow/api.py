@@ -47,10 +47,11 @@ def _model_dtype_device(model: Any) -> tuple[str | None, str | None]:
 
 
 def default_config(model: Any, *, budget: str | int, device: str | None = None, dtype: str | None = None,
-                   max_context_tokens: int = 4096, max_batch: int = 1):
+                   max_context_tokens: int | None = None, max_batch: int = 1):
     """An untuned, valid `RuntimeConfig` for `model` under a GPU memory `budget` ("24GB",
     "22GiB" or bytes): exact top-k, LRU, prefetch depth 1, the expert cache sized by
-    `expertflow.plan_memory`.
+    `expertflow.plan_memory` (KV cache for `max_context_tokens`; None = the model's
+    max_position_embeddings, at most 4096).
 
     `model`: a transformers MoE model you built (or its config), a ModelSpec, a registry alias or
     a checkpoint directory. `device` and `dtype` default to the model's own (its first

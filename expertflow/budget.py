@@ -6,7 +6,9 @@ Torch-free. The accounting (all in bytes, `dtype` weights):
 
 * non-expert weights: every parameter that is not a routed expert (embeddings, attention,
   norms, routers, shared experts, dense MLPs, LM head), counted on transformers' module tree.
-* KV cache: `kv_bytes_per_token x max_context_tokens x max_batch` (what DynamicCache stores).
+* KV cache: `kv_bytes_per_token x max_context_tokens x max_batch` (what DynamicCache stores);
+  max_context_tokens defaults to the model's max_position_embeddings, at most 4096
+  (`default_max_context`): a model that attends 1024 tokens never holds a 4096-token cache.
 * workspace: the largest live activations of one forward at `max_batch x prefill_chunk_tokens`
   tokens (hidden states, the widest MLP intermediate, attention scores, fp32 logits of the last
   position) plus a fixed allocator/fragmentation reserve.
@@ -21,7 +23,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import BudgetError
+from .errors import BudgetError, UsageError
 
 _UNITS = {
     "b": (1, "bytes"),
@@ -38,6 +40,8 @@ _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
 
 #: Fixed reserve for the caching allocator's fragmentation and cuBLAS/cuDNN workspaces.
 ALLOCATOR_RESERVE_BYTES = 256 * 2**20
+#: KV-cache tokens reserved by default (lowered to the model's max_position_embeddings).
+DEFAULT_MAX_CONTEXT = 4096
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,36 @@ class MemoryPlan:
         return asdict(self)
 
 
+def model_max_context(spec) -> int | None:
+    """The model's max_position_embeddings (the longest context it attends), None if unknown."""
+    value = (getattr(spec, "config", None) or {}).get("max_position_embeddings")
+    return int(value) if value else None
+
+
+def default_max_context(spec) -> int:
+    """KV-cache tokens to reserve when none are given: DEFAULT_MAX_CONTEXT, capped at the
+    model's max_position_embeddings."""
+    limit = model_max_context(spec)
+    return min(DEFAULT_MAX_CONTEXT, limit) if limit else DEFAULT_MAX_CONTEXT
+
+
+def check_max_context(spec, tokens: int | None, *, flag: str = "--max-context") -> int:
+    """`tokens` (or the default when None), refused with a UsageError (exit 2) when it is below
+    1 or above the model's max_position_embeddings: a longer KV cache only takes memory from
+    the expert cache."""
+    if tokens is None:
+        return default_max_context(spec)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise UsageError(f"{flag} {tokens!r} must be a whole number of tokens >= 1")
+    limit = model_max_context(spec)
+    if limit is not None and tokens > limit:
+        raise UsageError(f"{flag} {tokens} is more than {spec.name}'s max_position_embeddings ({limit}): "
+                         f"it never attends that far, and the longer KV cache would take memory from "
+                         f"the expert cache; pass {flag} {limit} or less, or leave it out (default "
+                         f"{default_max_context(spec)})")
+    return tokens
+
+
 def workspace_bytes(spec, *, max_batch: int, prefill_chunk_tokens: int, dtype: str = "bfloat16") -> int:
     """Peak activation bytes of one forward over `max_batch x prefill_chunk_tokens` tokens."""
     from .registry import DTYPE_BYTES
@@ -173,7 +207,7 @@ def plan_memory(
     spec,
     budget: str | int | ParsedSize,
     *,
-    max_context_tokens: int = 4096,
+    max_context_tokens: int | None = None,
     max_batch: int = 1,
     prefill_chunk_tokens: int = 512,
     margin_fraction: float = 0.05,
@@ -181,9 +215,12 @@ def plan_memory(
 ) -> MemoryPlan:
     """Split `budget` into its terms for `spec` and derive the expert-cache capacity.
 
-    Raises `BudgetError` with the numbers when the budget cannot hold the non-expert part.
+    `max_context_tokens` None = `default_max_context(spec)`. Raises `BudgetError` with the
+    numbers when the budget cannot hold the non-expert part.
     """
     parsed = budget if isinstance(budget, ParsedSize) else parse_size(budget)
+    if max_context_tokens is None:
+        max_context_tokens = default_max_context(spec)
     if max_context_tokens < 1 or max_batch < 1 or prefill_chunk_tokens < 1:
         raise BudgetError(
             f"max_context_tokens={max_context_tokens}, max_batch={max_batch} and "

@@ -27,7 +27,7 @@ from expertflow.config import describe_hardware
 from expertflow.errors import DataError
 from expertflow.fsutil import atomic_write_text, read_versioned
 
-from . import data
+from . import data, robustness
 
 log = logging.getLogger(__name__)
 TUNING_VERSION = 1
@@ -147,7 +147,8 @@ def _summary(run: OutputFolder, cfg: dict) -> str:
     if gain and gain["buys_nothing"]:  # no winner to present: say so first
         head = (f'<span id="buys-nothing">{esc(gain["text"])}</span>'
                 + (f" {esc(gain['stall_text'])}" if gain["stall_text"] else ""))
-    checks = "".join(f'<li class="{esc(c["level"])}">{esc(c["text"])}</li>' for c in data.verdict_data(t))
+    checks = "".join(f'<li class="{esc(c["level"])}">{esc(c["text"])}</li>'
+                     for c in data.verdict_data(t) + robustness.checks(t))
     cols = s["columns"]
     header = ("<tr><th>config</th>" + "".join(f'<th class="num">{esc(c["label"])}</th>' for c in cols)
               + '<th class="num">chosen vs this</th></tr>')
@@ -176,7 +177,7 @@ def _summary(run: OutputFolder, cfg: dict) -> str:
             '<p class="note">Every row comes from the same simulator, profile and routing trace. '
             '"chosen vs this" = the chosen config\'s predicted decode speed ÷ that row\'s '
             '(above 1× = the chosen config is faster).</p>'
-            f"{rule}{words}</section>")
+            f"{rule}{robustness.sensitivity_html(t)}{words}</section>")
 
 
 def _environment(run: OutputFolder) -> str:

@@ -410,7 +410,7 @@ def memory_data(tuning: dict) -> dict | None:
 
 
 QUALITY_COLUMNS = {  # quality table column -> (heading, scale)
-    "threshold": ("adaptive-k threshold", 1.0), "perplexity": ("perplexity", 1.0),
+    "threshold": ("adaptive-k threshold", 1.0), "min_k": ("min_k", 1.0), "perplexity": ("perplexity", 1.0),
     "perplexity_change": ("perplexity change (%)", 100.0), "kl": ("KL divergence (nats/token)", 1.0),
     "dropped_mass": ("dropped gate mass (%)", 100.0),
 }

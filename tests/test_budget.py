@@ -146,3 +146,48 @@ def test_too_small_budget_names_needed_and_given(qwen):
 def test_bad_plan_arguments(qwen, kwargs):
     with pytest.raises(BudgetError):
         plan_memory(qwen, "24GB", **kwargs)
+
+
+# ---- the KV reservation follows the model's max_position_embeddings --------------------------------
+
+
+def test_default_kv_reservation_is_capped_at_the_models_context(pydocs):
+    """pydocs-moe attends 1024 tokens: by default its KV cache is reserved for 1024, not 4096
+    (issue 13: 4x too much), and the freed bytes go to the expert cache."""
+    from expertflow.budget import default_max_context
+
+    spec = resolve_model(pydocs)
+    assert spec.config["max_position_embeddings"] == 1024
+    assert default_max_context(spec) == 1024
+    plan, long = plan_memory(spec, "1GB"), plan_memory(spec, "1GB", max_context_tokens=4096)
+    assert plan.max_context_tokens == 1024
+    assert plan.kv_cache_bytes == spec.kv_bytes_per_token("bfloat16") * 1024
+    assert long.kv_cache_bytes == 4 * plan.kv_cache_bytes
+    assert plan.expert_cache_bytes > long.expert_cache_bytes
+    # a model that attends further keeps the 4096-token default
+    assert default_max_context(resolve_model("qwen2-moe")) == 4096
+
+
+def test_max_context_above_the_models_is_a_usage_error(pydocs):
+    from expertflow.budget import check_max_context
+    from expertflow.errors import EXIT_USAGE, UsageError
+
+    spec = resolve_model(pydocs)
+    assert check_max_context(spec, None) == 1024 and check_max_context(spec, 1024) == 1024
+    with pytest.raises(UsageError) as info:
+        check_max_context(spec, 2048)
+    msg = str(info.value)
+    assert info.value.exit_code == EXIT_USAGE and "\n" not in msg
+    assert "--max-context 2048" in msg and "1024" in msg and "max_position_embeddings" in msg
+
+
+def test_ef_tune_refuses_a_max_context_above_the_models_before_any_work(pydocs, tmp_path, capsys):
+    from expertflow.errors import EXIT_USAGE
+    from tuner.cli import tune_main
+
+    out = tmp_path / "out"
+    rc = tune_main(["--model", str(pydocs), "--budget", "1GB", "--max-context", "4096", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == EXIT_USAGE and len(err.splitlines()) == 1
+    assert "--max-context 4096" in err and "1024" in err
+    assert not out.exists()  # checked before profiling: nothing written

@@ -89,8 +89,9 @@ def build_tune_parser() -> argparse.ArgumentParser:
                    help="cap on quality loss of adaptive-k: relative perplexity increase when "
                         "weights are present, else mean dropped gate mass per token (default 0.02; "
                         "0 = exact top-k only)")
-    p.add_argument("--max-context", type=positive_int, default=4096,
-                   help="KV-cache tokens to reserve (default 4096)")
+    p.add_argument("--max-context", type=positive_int, default=None,
+                   help="KV-cache tokens to reserve (default: the model's max_position_embeddings, "
+                        "at most 4096; more than the model's is refused)")
     p.add_argument("--max-batch", type=positive_int, default=1,
                    help="sequences per batch to reserve for (default 1)")
     p.add_argument("--storage", default=None,

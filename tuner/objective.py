@@ -30,7 +30,9 @@ class StudyContext:
     base_config: Any  # expertflow.config.RuntimeConfig: the default config of this model/budget
     space: SearchSpace  # resolved
     quality_cap: float | None = None
-    quality_tables: dict[bool, dict[float, float]] | None = None  # renormalize -> {threshold: loss}
+    # (renormalize, min_k) -> {threshold: loss} (tuner.quality.measure_tables); a bare
+    # renormalize key is min_k 1 (contexts pickled before min_k was measured)
+    quality_tables: dict[Any, dict[float, float]] | None = None
     max_decode_tokens: int | None = 256
     prompt_tokens: int = 16
     simulate_fn: Any = None  # tests may inject a stand-in for tuner.simulator.simulate
@@ -55,11 +57,18 @@ def trial_config(base, values: dict[str, Any]):
 
 
 def quality_table_for(ctx: StudyContext, config) -> dict[float, float] | None:
+    """The measured {threshold: loss} table for this config's adaptive-k (renormalize, min_k).
+    A min_k that was not measured takes the nearest measured one below it: keeping at least as
+    many experts, its loss is the lower min_k's or less, so that table errs on the safe side."""
     if not ctx.quality_tables:
         return None
-    renorm = bool(config.adaptive_k.renormalize)
-    return ctx.quality_tables.get(renorm) or ctx.quality_tables.get(False) or \
-        next(iter(ctx.quality_tables.values()))
+    a = config.adaptive_k
+    keyed = {(k if isinstance(k, tuple) else (bool(k), 1)): v for k, v in ctx.quality_tables.items()}
+    renorm = bool(a.renormalize) if any(r == bool(a.renormalize) for r, _ in keyed) else \
+        (False if any(r is False for r, _ in keyed) else next(iter(keyed))[0])
+    measured = sorted(mk for r, mk in keyed if r == renorm)
+    below = [mk for mk in measured if mk <= int(a.min_k)]
+    return keyed[(renorm, below[-1] if below else measured[0])]
 
 
 def evaluate(ctx: StudyContext, values: dict[str, Any], *, max_decode_tokens: int | None | str = "study"

@@ -9,7 +9,9 @@ profiler: this GPU when there is one, else the bundled hardware tables, `h200` b
 and the output says so); the quality side of adaptive-k (measured perplexity with real
 weights, else the trace's dropped gate mass); the Optuna study over the simulator; the choice
 (fastest feasible trial within the quality cap, re-simulated on a longer slice; with real
-weights its quality is measured for real and a config over the cap is passed over);
+weights its quality is measured for real and a config over the cap is passed over; with
+synthetic routing the finalist that stays fastest across a sensitivity band of less and more
+local routing: tuner/choice.py);
 references; validation on the GPU; config.yaml; tuning.json; report.html.
 """
 
@@ -29,7 +31,7 @@ from typing import Any
 
 from expertflow.errors import ConfigError, DataError, ModelError, UsageError
 
-from . import export, quality
+from . import choice, export, quality, trust
 from .coordination import DEFAULT_HEARTBEAT_S, DEFAULT_TRIALS
 from .storage import StorageURL, make_storage, mask_url, sqlite_url
 from .objective import StudyContext, evaluate, trial_config
@@ -155,7 +157,10 @@ def get_profile(spec, out_dir: Path, *, profile_dir=None, resume: bool, hardware
         notes.append(f"--hardware {hardware} ignored: the given profile has hardware "
                      f"{prof.meta['hardware'].get('source')}")
     if prof.routing_kind == "synthetic":
-        notes.append("SYNTHETIC routing: no trained weights, so expert choices come from the "
+        why = ("the profile's routing is synthetic although this checkpoint has trained weights "
+               "(profiled with --routing synthetic; profile without it to use its router)"
+               if spec.has_weights else "no trained weights")
+        notes.append(f"SYNTHETIC routing: {why}, so expert choices come from the "
                      "calibrated generator, not from this model's router")
     return prof, src
 
@@ -195,15 +200,11 @@ def quality_side(spec, prof, space, *, cap: float | None, prompts=None, device: 
             dev = "cuda" if _gpu_here(device) else "cpu"
             dtype = "bfloat16" if dev == "cuda" else "float32"
             renorms = [False, True] if "adaptive_k.renormalize" in space else [False]
-            tables = {}
-            rows = None
-            for r in renorms:
-                t = quality.measure_quality(spec, ths, prompts=ids, device=dev, dtype=dtype,
-                                            renormalize=r, progress=progress)
-                tables[r] = t.loss_table()
-                rows = rows or t.as_dicts()
+            tables, rows = quality.measure_tables(  # per (renormalize, min_k) the space searches
+                spec, ths, prompts=ids, min_ks=quality.searched_min_ks(space, spec.top_k),
+                renorms=renorms, device=dev, dtype=dtype, progress=progress)
             out.update(metric="perplexity_increase", table=rows, tables=tables, prompt_ids=ids,
-                       device=dev, dtype=dtype)
+                       device=dev, dtype=dtype, prompts=prompts)
             return out
     out["table"] = quality.dropped_mass_table(prof.trace, ths)
     return out
@@ -243,7 +244,7 @@ def tune(model: str, budget: str, *, trials: int | None = None, timeout: float |
          out: str | os.PathLike | None = None, hardware: str | None = None,
          profile: str | os.PathLike | None = None, prompts: str | None = None,
          search_space: str | os.PathLike | None = None, max_quality_loss: float | None = None,
-         max_context: int = 4096, max_batch: int = 1, storage: str | None = None,
+         max_context: int | None = None, max_batch: int = 1, storage: str | None = None,
          study: str | None = None, resume: bool = False, seed: int = 0, device: str = "auto",
          validate: bool = True, report: bool = True, jobs: int | None = None,
          progress: bool = True, quality_prompts: int = QUALITY_PROMPTS,
@@ -261,7 +262,7 @@ def tune(model: str, budget: str, *, trials: int | None = None, timeout: float |
     that holds files ef-tune did not write is refused (OutputError) unless `force`; a run that
     fails with an ExpertFlowError leaves `out` as it found it.
     """
-    from expertflow.budget import parse_size, plan_memory
+    from expertflow.budget import check_max_context, parse_size, plan_memory
     from expertflow.registry import resolve_model
 
     from .search_space import load_space, packaged_space
@@ -275,6 +276,7 @@ def tune(model: str, budget: str, *, trials: int | None = None, timeout: float |
     spec = resolve_model(model)
     parsed = parse_size(budget)
     dtype = "bfloat16"
+    max_context = check_max_context(spec, max_context)  # the model's own limit by default
     plan = plan_memory(spec, parsed, max_context_tokens=max_context, max_batch=max_batch, dtype=dtype)
     raw_space = load_space(search_space) if search_space else packaged_space(Path(spec.name).name)
     if prompts is not None:
@@ -373,8 +375,10 @@ def _tune_in(folder, spec, parsed, plan, dtype, raw_space, given_profile, *, tri
         log.warning("%s", msg)
         notes.append(f"WARNING: {msg}")
     # The config is for the GPU it was tuned for (this one, or the bundled profile's): cuda.
-    base = default_config(spec, plan, hardware=hw, priors=rounded_priors(prof.priors()),
+    base = default_config(spec, plan, hardware=hw, priors=trust.config_priors(prof, rounded_priors),
                           profile_id=prof.profile_id, routing=prof.routing_kind, device="cuda", dtype=dtype)
+    notes.extend(n for n in (trust.timing_note(trust.timing_noise(prof)),
+                             trust.SYNTHETIC_PRIORS_NOTE if base.cache.priors is None else None) if n)
     gbps = (prof.meta.get("summary") or {}).get("pinned_gbps")
     if gbps is None:
         gbps = plan.bytes_per_expert / (costs.copy_ms * 1e6) if costs.copy_ms > 0 else None
@@ -385,7 +389,7 @@ def _tune_in(folder, spec, parsed, plan, dtype, raw_space, given_profile, *, tri
     symbols = {"budget": min(plan.capacity_experts, plan.total_experts), "layers": spec.num_moe_layers,
                "experts": spec.num_experts, "total": plan.total_experts, "top_k": spec.top_k,
                "lookahead": prof.trace.lookahead}
-    space = engine_space(raw_space.resolve(symbols), costs, base)
+    space = engine_space(trust.without_prior_policies(raw_space.resolve(symbols), base), costs, base)
     if symbols["budget"] < spec.num_moe_layers:
         space = space.restrict("cache.scope", ("pooled",), f"the budget holds {symbols['budget']} slots, "
                                f"fewer than the {spec.num_moe_layers} layers: only a pooled cache works")
@@ -437,12 +441,9 @@ def _export(out_dir, spec, parsed, plan, prof, prof_dir, hw_meta, base, ctx, cos
     storage_url = run.storage_url
     t0 = time.perf_counter()
     done = completed_trials(run.study)
-    chosen, finalists = export.final_choice(ctx, done, cap, finalists=FINALISTS,
-                                            max_decode_tokens=final_decode_tokens, study_name=study_name)
-    measured_quality = None
-    if q["prompt_ids"]:
-        chosen, measured_quality = _verify_quality(spec, base, chosen, finalists, done, ctx, cap, q,
-                                                   final_decode_tokens, notes)
+    chosen, finalists, measured_quality, sens, trace_check = choice.final_choice(
+        ctx, done, cap, spec=spec, base=base, prof=prof, q=q, seed=seed, finalists=FINALISTS,
+        final_tokens=final_decode_tokens, study_name=study_name, notes=notes, prompts=q.get("prompts"))
     refs = references(ctx, spec, plan, costs, baselines, decode_tokens=final_decode_tokens)
     timings["choose"] = time.perf_counter() - t0
 
@@ -504,7 +505,8 @@ def _export(out_dir, spec, parsed, plan, prof, prof_dir, hw_meta, base, ctx, cos
         "quality": {"metric": q["metric"], "cap": cap, "table": q["table"],
                     **({"chosen_measured": measured_quality} if measured_quality else {})},
         "chosen": {"trial": chosen["number"], "params": chosen["params"], "predicted": chosen["metrics"],
-                   "rule": export.RULE},
+                   "rule": sens["rule"] if sens else export.RULE},
+        "sensitivity": sens, "timing_noise": trust.timing_noise(prof), "adaptive_trace": trace_check,
         "references": refs,
         "pareto": [{"trial": t["number"], "values": t["values"], "params": t["params"]}
                    for t in pareto_front(done)],
@@ -596,33 +598,6 @@ def _check_fresh_study(url: str, name: str, allow_existing: bool, *, explicit: b
                                "pass --resume to continue it, or a new --study name / --out folder")
 
 
-def _verify_quality(spec, base, chosen, finalists, done, ctx, cap, q, final_tokens, notes):
-    """Measure the chosen config's quality for real; walk down the ranking past any over the cap."""
-    ranked = export.ranked(finalists, cap) + [t for t in export.ranked(done, cap)
-                                              if t["number"] not in {f["number"] for f in finalists}]
-    from expertflow.runtime.loading import build_model
-
-    model = build_model(spec, device=q["device"], dtype=q["dtype"])
-    cache: dict[tuple, dict] = {}
-    for t in ranked[:8]:
-        cfg = trial_config(base, t["params"])
-        a = cfg.adaptive_k
-        key = (a.threshold, a.min_k, a.renormalize)
-        if key not in cache:
-            cache[key] = ({"quality_loss": 0.0, "perplexity_change": 0.0} if a.threshold >= 1.0 else
-                          quality.measure_config_quality(spec, cfg, prompts=q["prompt_ids"],
-                                                         device=q["device"], dtype=q["dtype"], model=model))
-        mq = cache[key]
-        if mq["quality_loss"] <= cap + 1e-12:
-            if t["number"] != chosen["number"]:
-                notes.append(f"trial {chosen['number']} measured over the quality cap; chose trial {t['number']}")
-                if "study_metrics" not in t:
-                    t = export.rescore(ctx, [t], max_decode_tokens=final_tokens)[0]
-            return t, {k: float(v) for k, v in mq.items()}
-    notes.append("no finalist measured within the quality cap; kept the predicted choice")
-    return chosen, None
-
-
 def _build_report(out_dir: Path, notes: list[str]) -> Path | None:
     try:
         from reports.build import build_report
@@ -672,6 +647,8 @@ def _sigterm_as_interrupt():
 def cli_tune(args: argparse.Namespace) -> int:
     from expertflow.config import describe_hardware
 
+    from .sensitivity import describe as sensitivity_line
+
     t0 = time.perf_counter()
     with _sigterm_as_interrupt():
         res = tune(args.model, args.budget, trials=args.trials, timeout=args.timeout, out=args.out,
@@ -700,6 +677,9 @@ def cli_tune(args: argparse.Namespace) -> int:
     say(f"chosen trial {t['chosen']['trial']}: predicted {p['decode_tokens_per_s']:.2f} tokens/s decode, "
         f"hit rate {p['hit_rate']:.1%}, stall {p['stall_ms_per_token']:.2f} ms/token, "
         f"quality loss {p['quality_loss']:.4f} ({t['quality']['metric']}, cap {t['quality']['cap']})")
+    band = sensitivity_line(t.get("sensitivity"))
+    if band:
+        say(band)
     say(f"config: {res.config_path}")
     say(f"report: {res.report_path if res.report_path else '(not built)'}")
     say(f"run it: {t['run_command']}")
@@ -708,6 +688,7 @@ def cli_tune(args: argparse.Namespace) -> int:
                           "report_path": str(res.report_path) if res.report_path else None,
                           "tuning_path": str(res.out_dir / "tuning.json"),
                           "chosen_trial": t["chosen"]["trial"], "predicted": p,
-                          "hardware_source": t["hardware"].get("source"),
-                          "routing": t["routing"]["kind"]}, default=_json_default))
+                          "hardware_source": t["hardware"].get("source"), "routing": t["routing"]["kind"],
+                          "timing_noisy": bool((t.get("timing_noise") or {}).get("noisy"))},
+                         default=_json_default))
     return 0

@@ -10,6 +10,9 @@
     next-token distributions with full top-k (threshold 1.0, which equals the un-offloaded
     model): perplexity, its relative change, KL(full || adaptive), and the dropped mass the
     runtime counted. The relative perplexity increase is the study's `quality_loss`.
+    `measure_tables` measures one table per (renormalize, min_k) the search space searches:
+    min_k changes what a threshold keeps (min_k 2 at threshold 0.7 keeps 2 experts where min_k
+    1 keeps 1), so each min_k gets its own measured table.
 
 Shape legend: B = prompts in a batch, S = tokens per prompt, V = vocabulary, k = top-k.
 """
@@ -55,12 +58,10 @@ def dropped_mass_table(trace, thresholds=THRESHOLDS, *, min_k: int = 1) -> list[
 # ---- prompts --------------------------------------------------------------------------------
 def default_prompt_file(spec) -> Path | None:
     """The checkpoint's own prompts.jsonl when it ships one (pydocs-moe does), else None (the
-    profiler's embedded prompt set)."""
-    if spec.checkpoint:
-        f = Path(spec.checkpoint) / "prompts.jsonl"
-        if f.is_file():
-            return f
-    return None
+    profiler's embedded prompt set): the same choice the profiler makes for the trace."""
+    from .profiler.activation import default_prompt_file as own
+
+    return own(spec)
 
 
 def prompt_ids(spec, path=None, *, n_prompts: int | None = None, max_tokens: int = 64,
@@ -192,6 +193,38 @@ def measure_config_quality(spec, config, *, prompts: list[list[int]], device: st
     row = table.row(a.threshold)
     return {**{k: float(v) for k, v in row.items() if k != "threshold"},
             "quality_loss": max(0.0, row["perplexity_change"])}
+
+
+def searched_min_ks(space, top_k: int, default: int = 1) -> list[int]:
+    """The adaptive_k.min_k values a (resolved) search space can pick, else [default]."""
+    p = space.params.get("adaptive_k.min_k") if space is not None else None
+    if p is None:
+        return [min(default, top_k)]
+    vals = p.values() if p.type in ("categorical", "bool") else p.grid(64)
+    return sorted({min(int(v), top_k) for v in vals})
+
+
+def measure_tables(spec, thresholds, *, prompts: list[list[int]], min_ks=(1,), renorms=(False,),
+                   device: str = "cpu", dtype: str = "float32", progress: bool = False
+                   ) -> tuple[dict[tuple[bool, int], dict[float, float]], list[dict[str, float]]]:
+    """The quality tables the study reads, one per (renormalize, min_k) searched:
+    ({(renormalize, min_k): {threshold: loss}}, the measured rows with both keys as columns).
+    min_k >= top_k keeps every expert (exact top-k): its table is 0 without a measurement."""
+    from expertflow.runtime.loading import build_model
+
+    model = build_model(spec, device=device, dtype=dtype)
+    tables: dict[tuple[bool, int], dict[float, float]] = {}
+    rows: list[dict[str, float]] = []
+    for r in renorms:
+        for mk in sorted(set(min_ks)):
+            if mk >= spec.top_k:
+                tables[(bool(r), mk)] = {float(t): 0.0 for t in sorted(set(thresholds) | {1.0})}
+                continue
+            t = measure_quality(spec, thresholds, prompts=prompts, device=device, dtype=dtype,
+                                renormalize=r, min_k=mk, model=model, progress=progress)
+            tables[(bool(r), mk)] = t.loss_table()
+            rows += [{**row, "min_k": mk, "renormalize": bool(r)} for row in t.as_dicts()]
+    return tables, rows
 
 
 def format_table(rows: list[dict[str, float]]) -> str:

@@ -46,7 +46,8 @@ def _pydocs_dir() -> Path:
 def pydocs_profile(tmp_path_factory):
     path = _pydocs_dir()
     out = tmp_path_factory.mktemp("pydocs") / "profile"
-    run_profile(str(path), out, prompts=path / "prompts.jsonl", device="cpu", quick=True, progress=False)
+    # no prompts given: the checkpoint's own prompts.jsonl (the set quality is measured on too)
+    run_profile(str(path), out, device="cpu", quick=True, progress=False)
     return Profile.load(out)
 
 
@@ -66,6 +67,24 @@ def test_pydocs_profile_reproduces_readme_routing(pydocs_profile):
     assert p.meta["routing"]["stats"]["lru_hit_25"] == pytest.approx(README_LRU25, abs=0.05)
     assert "trained router" in p.meta["routing"]["note"]
     assert p.meta["routing"]["tokenizer"] == "tokenizer.json"
+
+
+def test_without_prompts_trace_and_quality_use_the_checkpoint_prompts(pydocs_profile):
+    """One prompt set: the trace was recorded on the checkpoint's prompts.jsonl (128 prompts of
+    64 tokens; the embedded set is 40 prompts of other lengths) and the quality side reads the
+    same prompts, in the same order."""
+    from tuner import quality
+
+    p = pydocs_profile
+    spec = resolve_model(p.meta["model"]["name"])
+    own = Path(spec.checkpoint) / "prompts.jsonl"
+    assert str(own) in p.meta["routing"]["source"] and "checkpoint's own prompts" in p.meta["routing"]["source"]
+    expected = [len(t) for t in tokenize_prompts(spec, load_prompts(own))]
+    assert np.bincount(p.trace.seq).tolist() == expected
+    ids = quality.prompt_ids(spec, max_tokens=10**6, min_tokens=1)
+    assert [len(x) for x in ids] == expected
+    embedded = [len(t) for t in tokenize_prompts(spec, load_prompts(None))]
+    assert embedded != expected  # the check above can tell the two sets apart
 
 
 def test_profile_and_trace_round_trip(pydocs_profile, tmp_path):
@@ -134,7 +153,11 @@ def test_cli_json_summary(tmp_path, capsys):
     for key in ("pinned_gbps", "pinned_1gib_gbps", "expert_copy_ms", "expert_kernel_ms", "layer_ms",
                 "decode_layer_ms", "top25_traffic_share_mean", "lru_hit_25_mean"):
         assert key in summary["summary"], key
-    assert Profile.load(summary["profile_dir"]).profile_id == summary["profile_id"]
+    back = Profile.load(summary["profile_dir"])
+    assert back.profile_id == summary["profile_id"]
+    noise = back.meta["timing"]["noise"]  # a CPU profile records its noise verdict, round-tripped
+    assert summary["timing_noisy"] is noise["noisy"] and "relative IQR" in noise["criterion"]
+    assert {"rel_iqr", "raw_median_ms"} <= set(back.tables["kernel"].columns)
 
 
 @pytest.mark.parametrize("content,needle", [("", "holds no prompts"), ("\n  \n", "holds no prompts"),
@@ -251,3 +274,16 @@ def test_hardware_facts_without_a_gpu():
     assert info["host_memory_bytes"] > 0 and info["torch_version"] == str(torch.__version__)
     if not torch.cuda.is_available():
         assert "nvml_error" in nvml_info()  # no driver here: a reason, not an exception
+
+
+def test_default_prompt_file_is_the_checkpoints_own(tmp_path):
+    from types import SimpleNamespace
+
+    from tuner.profiler.activation import default_prompt_file, prompt_source
+
+    bare = SimpleNamespace(checkpoint=str(tmp_path))
+    assert default_prompt_file(bare) is None and prompt_source(bare, None) == "embedded default prompt set"
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a"}\n')
+    assert default_prompt_file(bare) == tmp_path / "prompts.jsonl"
+    assert prompt_source(bare, "mine.txt") == "mine.txt"
+    assert default_prompt_file(SimpleNamespace(checkpoint=None)) is None

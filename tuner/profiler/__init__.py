@@ -43,7 +43,10 @@ def cite_measurements(text: str) -> str:
 
 def _routing_note(kind: str, spec, n_prompts: int, n_tokens: int, params=None, targets=None) -> str:
     if kind == "synthetic":
-        return (f"SYNTHETIC routing: {spec.name} has no trained weights here, so the routing trace "
+        why = (f"{spec.name} has trained weights, but synthetic routing was asked for (--routing "
+               "synthetic; the default, auto, runs its trained router)" if spec.has_weights
+               else f"{spec.name} has no trained weights here")
+        return (f"SYNTHETIC routing: {why}, so the routing trace "
                 f"({n_tokens} tokens, sized to {n_prompts} prompts) comes from ExpertFlow's synthetic "
                 f"generator (preset {params.preset}, calibrated to {cite_measurements(targets.source)}). Hit rates, "
                 "prefetch accuracy and quality estimates rest on this generator, not on the model's "
@@ -83,7 +86,7 @@ def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | N
     spec = model if isinstance(model, ModelSpec) else resolve_model(model)
     dev = resolve_device(device)
     dt = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
-    texts = activation.load_prompts(prompts)
+    texts = activation.load_prompts(prompts if prompts is not None else activation.default_prompt_file(spec))
     tokens = activation.tokenize_prompts(spec, texts, max_tokens)
     kind = routing if routing != "auto" else ("real" if spec.has_weights else "synthetic")
     n_tokens = int(sum(len(t) for t in tokens))
@@ -127,6 +130,8 @@ def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | N
 
             res = measure_timing(spec, device=dev, dtype=dt, quick=quick, seed=seed, progress=rep)
             timing_tables, timing, timing_dtype = res.tables, {"kind": res.kind, "note": res.note}, dt
+            if res.noise is not None:
+                timing["noise"] = res.noise
             hw = collect_hardware(dev)
         timings["timing"] = time.perf_counter() - t0
 
@@ -153,7 +158,7 @@ def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | N
                   "has_weights": spec.has_weights},
         "hardware": hw,
         "routing": {"kind": kind, "tokens": n_tokens, "prompts": len(tokens),
-                    "source": str(prompts) if prompts else "embedded default prompt set",
+                    "source": activation.prompt_source(spec, prompts),
                     "tokenizer": activation.tokenizer_kind(spec),
                     "note": _routing_note(kind, spec, len(tokens), n_tokens, params, targets),
                     "synthetic": params.as_dict() if params is not None else None,
@@ -179,6 +184,7 @@ def profile_summary(profile) -> dict:
             "gpu_name": m["hardware"].get("gpu_name"), "hardware_source": m["hardware"].get("source"),
             "routing": m["routing"]["kind"], "routing_note": m["routing"]["note"],
             "timing": m["timing"]["kind"], "tokens": m["routing"]["tokens"],
+            "timing_noisy": bool((m["timing"].get("noise") or {}).get("noisy")),
             "summary": m["summary"], "elapsed_s": m["timings_s"]["total"]}
 
 
@@ -207,6 +213,10 @@ def cli_profile(args) -> int:
     print(f"profile {s['profile_id']} written to {s['profile_dir']} ({s['elapsed_s']:.1f} s)")
     print(f"routing: {s['routing']} - {s['routing_note']}")
     print(f"timing: {s['timing']} on {s['gpu_name'] or s['device']}")
+    if s["timing_noisy"]:
+        noise = profile.meta["timing"]["noise"]
+        print(f"  WARNING: timing too noisy to rank configs ({'; '.join(noise['reasons'])}); re-profile "
+              "with nothing else running on this machine")
     print(f"  host->device pinned {h['pinned_gbps']:.1f} GB/s (1 GiB copy {h.get('pinned_1gib_gbps', 0):.1f}), "
           f"pageable {h['pageable_gbps']:.1f} GB/s; one expert {h['expert_copy_ms']:.3f} ms")
     print(f"  expert kernel {h['expert_kernel_ms']:.3f} ms at 1 token; layer (non-expert) "

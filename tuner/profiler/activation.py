@@ -9,7 +9,8 @@ describe decode streams.
 
 Prompt files: JSONL (one object per line with a string "prompt" field; chosen for *.jsonl /
 *.json files or when the first non-blank line starts with "{"), else plain text with prompts
-separated by blank lines. The default set ships in tuner/data/prompts.jsonl.
+separated by blank lines. Without a file: the checkpoint's own prompts.jsonl when it has one
+(`default_prompt_file`), else the set that ships in tuner/data/prompts.jsonl.
 """
 
 from __future__ import annotations
@@ -38,6 +39,25 @@ MAX_BATCH = 64
 # ---- prompts ---------------------------------------------------------------------------------
 def default_prompts_path() -> Path:
     return Path(str(resources.files("tuner") / "data" / "prompts.jsonl"))
+
+
+def default_prompt_file(spec) -> Path | None:
+    """The prompt set used when none is given: the checkpoint's own prompts.jsonl when it ships
+    one (pydocs-moe does), else None (the embedded set). The profiler's trace and the quality
+    table both start from it, so routing and quality are measured on the same prompts."""
+    if getattr(spec, "checkpoint", None):
+        f = Path(spec.checkpoint) / "prompts.jsonl"
+        if f.is_file():
+            return f
+    return None
+
+
+def prompt_source(spec, path: str | Path | None) -> str:
+    """Where the prompts come from, in words (profile.yaml routing.source)."""
+    if path is not None:
+        return str(path)
+    own = default_prompt_file(spec)
+    return f"{own} (the checkpoint's own prompts)" if own else "embedded default prompt set"
 
 
 def load_prompts(path: str | Path | None = None) -> list[str]:
@@ -147,8 +167,12 @@ def _batches(token_lists: list[list[int]]):
 
 
 def record_routing(spec: ModelSpec, token_lists: list[list[int]], *, device, dtype: str,
-                   seed: int = 0, progress: Reporter = NULL) -> RoutingTrace:
-    """Run the prompts through the model with the runtime attached; return the routing trace."""
+                   seed: int = 0, progress: Reporter = NULL, values: dict | None = None) -> RoutingTrace:
+    """Run the prompts through the model with the runtime attached; return the routing trace.
+
+    `values`: dotted config keys for the run, e.g. {"adaptive_k.threshold": 0.8}: the trace then
+    records each layer's router top-k while the experts adaptive-k drops are left out of the
+    computation, so later layers route the hidden states adaptive-k makes."""
     import torch
 
     from expertflow.budget import plan_memory
@@ -163,7 +187,7 @@ def record_routing(spec: ModelSpec, token_lists: list[list[int]], *, device, dty
     plan = plan_memory(spec, 2 ** 50, dtype=dtype, max_context_tokens=MAX_PROMPT_TOKENS)
     priors = [[1.0 / spec.num_experts] * spec.num_experts for _ in range(spec.num_moe_layers)]
     config = default_config(spec, plan, priors=priors, device=str(dev), dtype=dtype).with_values(
-        {"prefetch.depth": 0, "cache.warm_start": True, "runtime.record_trace": True})
+        {"prefetch.depth": 0, "cache.warm_start": True, "runtime.record_trace": True, **(values or {})})
     source = (f"real routing of {spec.name}" + ("" if spec.has_weights else " (RANDOM weights)")
               + f", {len(token_lists)} prompts, {dtype} on {dev.type}")
     handle = offload(model, config, device=str(dev), record_trace=True,

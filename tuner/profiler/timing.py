@@ -6,7 +6,10 @@ warmed up, then repeated; tables keep the median and the 10th/90th percentiles (
 each repetition starts from an idle device (synchronize), is bracketed by CUDA events on the
 current stream, and is read only after the end event has completed; wall-clock figures of the
 runtime (decode step, sync) use perf_counter around a synchronized region. On the CPU the same
-code runs with perf_counter and the profile is labelled "measured-cpu".
+code runs with perf_counter and the profile is labelled "measured-cpu"; there, where other
+work shares the cores, the kernel, layer and decode-step figures are taken in rounds, the token
+tables get a monotone fit (raw medians kept in `raw_median_ms`), and `TimingResult.noise` says
+whether the timing is quiet enough to rank configs (tuner/profiler/robust.py: the criterion).
 
 Tables (tuner/profile.py names; extra columns are additive):
 * transfer: bytes x pinned x concurrency. `concurrency` c = c copies of `bytes` in flight at
@@ -47,6 +50,7 @@ from expertflow.registry import ModelSpec
 from ..progress import NULL, Reporter
 from .engine_timing import measure_engine
 from .reduced import build_random, free_memory, reduced_spec, timing_depths
+from .robust import LoadMeter, fit_cpu_tables, noise_verdict, slope_spread, summarize
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,7 @@ class TimingResult:
     tables: dict[str, pd.DataFrame]
     kind: str  # measured-gpu | measured-cpu
     note: str
+    noise: dict | None = None  # CPU: profiler.robust.noise_verdict (profile.yaml timing.noise)
 
 
 class _Clock:
@@ -115,9 +120,10 @@ class _Clock:
         return np.asarray(out, dtype=np.float64)
 
 
-def _row(times_ms: np.ndarray) -> dict:
-    return {"median_ms": float(np.median(times_ms)), "p10_ms": float(np.percentile(times_ms, 10)),
-            "p90_ms": float(np.percentile(times_ms, 90))}
+def _row(times_ms: np.ndarray | None = None, rounds: list | None = None) -> dict:
+    """median_ms, p10_ms, p90_ms, rel_iqr and samples of one measurement (profiler.robust):
+    with `rounds` (per-round samples) median_ms is the least-loaded round's median."""
+    return summarize(times_ms, rounds)
 
 
 # ---- transfer --------------------------------------------------------------------------------
@@ -204,7 +210,8 @@ def _null_experts(self, hidden_states, top_k_index, top_k_weights):
     return torch.zeros_like(hidden_states)
 
 
-def measure_layer(model, dev: torch.device, tokens, *, reps: int, progress: Reporter = NULL) -> pd.DataFrame:
+def measure_layer(model, dev: torch.device, tokens, *, reps: int, progress: Reporter = NULL,
+                  rounds: int = 1) -> pd.DataFrame:
     from transformers.integrations.moe import ExpertsInterface
 
     from expertflow.runtime.adapters import find_moe_blocks
@@ -217,37 +224,41 @@ def measure_layer(model, dev: torch.device, tokens, *, reps: int, progress: Repo
     prev = model.get_experts_implementation()
     ExpertsInterface.register(NULL_BACKEND, _null_experts)
     model.set_experts_implementation(NULL_BACKEND)
-    task = progress.task("decoder layer (non-expert)", len(tokens))
-    rows = []
+    task = progress.task("decoder layer (non-expert)", len(tokens) * rounds)
+    samples: dict[int, list] = {t: [] for t in tokens}
     try:
         with torch.inference_mode():
-            for t in tokens:
-                h = torch.randn(1, t, hidden_size, device=dev, dtype=dtype)
-                pid = torch.arange(t, device=dev)[None]
-                pe = model.model.rotary_emb(h, pid)
-                fn = partial(layer, h, attention_mask=None, position_ids=pid, position_embeddings=pe)
-                rows.append({"tokens": t, **_row(clock.times_ms(fn, warmup=2, reps=reps))})
-                task.advance()
+            for _ in range(rounds):  # rounds over every size: a burst of load spoils few samples of each
+                for t in tokens:
+                    h = torch.randn(1, t, hidden_size, device=dev, dtype=dtype)
+                    pid = torch.arange(t, device=dev)[None]
+                    pe = model.model.rotary_emb(h, pid)
+                    fn = partial(layer, h, attention_mask=None, position_ids=pid, position_embeddings=pe)
+                    samples[t].append(clock.times_ms(fn, warmup=2, reps=reps))
+                    task.advance()
     finally:
         model.set_experts_implementation(prev if len(prev) > 1 else prev.get("") or "grouped_mm")
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"tokens": t, **_row(rounds=x)} for t, x in samples.items()])
 
 
-def measure_kernel(handle, dev: torch.device, tokens, *, reps: int, progress: Reporter = NULL) -> pd.DataFrame:
+def measure_kernel(handle, dev: torch.device, tokens, *, reps: int, progress: Reporter = NULL,
+                   rounds: int = 1) -> pd.DataFrame:
     clock = _Clock(dev)
     H = handle.gate_up_shape[-1]
-    task = progress.task("expert kernel", len(tokens))
-    rows = []
+    task = progress.task("expert kernel", len(tokens) * rounds)
+    samples: dict[int, list] = {t: [] for t in tokens}
     with torch.inference_mode():
-        for t in tokens:
-            name = handle.kernel_name(t)  # the runtime's own choice for t token-expert pairs
-            h = torch.randn(t, H, device=dev, dtype=handle.dtype)
-            w = torch.ones(t, 1, device=dev, dtype=handle.dtype)
-            slots = np.zeros((t, 1), dtype=np.int64)  # every token -> slot 0 (layer 0's expert)
-            fn = partial(handle.run_experts, 0, h, slots, w)
-            rows.append({"tokens": t, **_row(clock.times_ms(fn, warmup=2, reps=reps)), "kernel": name})
-            task.advance()
-    return pd.DataFrame(rows)
+        for _ in range(rounds):
+            for t in tokens:
+                h = torch.randn(t, H, device=dev, dtype=handle.dtype)
+                w = torch.ones(t, 1, device=dev, dtype=handle.dtype)
+                slots = np.zeros((t, 1), dtype=np.int64)  # every token -> slot 0 (layer 0's expert)
+                fn = partial(handle.run_experts, 0, h, slots, w)
+                samples[t].append(clock.times_ms(fn, warmup=2, reps=reps))
+                task.advance()
+    # the runtime's own kernel choice for t token-expert pairs
+    return pd.DataFrame([{"tokens": t, **_row(rounds=x), "kernel": handle.kernel_name(t)}
+                         for t, x in samples.items()])
 
 
 def measure_decode_step_ms(model, vocab_size: int, dev: torch.device, *, steps: int, seed: int) -> float:
@@ -257,15 +268,23 @@ def measure_decode_step_ms(model, vocab_size: int, dev: torch.device, *, steps: 
     then has been seen once, so first-call costs (cuDNN attention plans, allocator growth) are
     not charged to decoding.
     """
+    return float(measure_decode_rounds(model, vocab_size, dev, steps=steps, seed=seed, rounds=1)[0])
+
+
+def measure_decode_rounds(model, vocab_size: int, dev: torch.device, *, steps: int, seed: int,
+                          rounds: int) -> list[float]:
+    """The median decode-step time (ms) of each of `rounds` timed passes over the same sequence
+    (an 8-token prefill, then `steps` greedy steps), after one untimed pass."""
     import inspect
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (1, 8), generator=g).to(dev)
     # transformers renamed `past_key_values` to `cache` during 5.x: pass whichever forward takes
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    times: list[float] = []
+    medians: list[float] = []
     with torch.inference_mode():
-        for timed in (False, True):
+        for timed in [False] + [True] * rounds:
+            times: list[float] = []
             out = model(input_ids=ids, use_cache=True)
             cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
             nxt = out.logits[:, -1:].argmax(-1)
@@ -278,9 +297,10 @@ def measure_decode_step_ms(model, vocab_size: int, dev: torch.device, *, steps: 
                 nxt = out.logits[:, -1:].argmax(-1)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
-                if timed:
-                    times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+                times.append((time.perf_counter() - t0) * 1e3)
+            if timed:
+                medians.append(float(np.median(times)))
+    return medians
 
 
 def measure_sync_ms(dev: torch.device, reps: int) -> float:
@@ -323,6 +343,8 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
     cuda = dev.type == "cuda"
     bpe = spec.bytes_per_expert(dtype)
     reps = (5 if quick else 15) if cuda else (3 if quick else 7)
+    rounds = 1 if cuda else (5 if quick else 7)  # CPU: rounds over all sizes (profiler.robust)
+    load = LoadMeter()
     conc = CONCURRENCY_QUICK if quick else CONCURRENCY
     if base_transfer is None:
         sizes = list(SIZES_BYTES_QUICK if quick else SIZES_BYTES) + [bpe]
@@ -338,15 +360,16 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
     free_memory(dev)
 
     small, deep = timing_depths(spec, dtype)
-    decode_steps = (6 if quick else 24) if cuda else (3 if quick else 8)
+    decode_steps = (6 if quick else 24) if cuda else (8 if quick else 16)
     task = progress.task("runtime decode step", 2)
     model = build_random(reduced_spec(spec, small), dev, dtype, seed)
     layer = measure_layer(model, dev, LAYER_TOKENS_QUICK if quick else LAYER_TOKENS, reps=reps,
-                          progress=progress)
+                          progress=progress, rounds=rounds)
     handle = _attach(model, reduced_spec(spec, small), dev, dtype)
     kernel = measure_kernel(handle, dev, KERNEL_TOKENS_QUICK if quick else KERNEL_TOKENS, reps=reps,
-                            progress=progress)
-    step_small = measure_decode_step_ms(model, spec.vocab_size, dev, steps=decode_steps, seed=seed)
+                            progress=progress, rounds=rounds)
+    small_r = measure_decode_rounds(model, spec.vocab_size, dev, steps=decode_steps, seed=seed, rounds=rounds)
+    step_small = min(small_r)  # the least-loaded round (profiler.robust)
     task.advance()
     runtime["sync_ms"] = measure_sync_ms(dev, reps=20 if quick else 50)
     if cuda:
@@ -356,7 +379,8 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
     free_memory(dev)
     model = build_random(reduced_spec(spec, deep), dev, dtype, seed)
     handle = _attach(model, reduced_spec(spec, deep), dev, dtype)
-    step_deep = measure_decode_step_ms(model, spec.vocab_size, dev, steps=decode_steps, seed=seed)
+    deep_r = measure_decode_rounds(model, spec.vocab_size, dev, steps=decode_steps, seed=seed, rounds=rounds)
+    step_deep = min(deep_r)
     task.advance()
     handle.detach()
     # Host cost per MoE layer of the predictor (prefetch on, nothing to fetch: every expert is
@@ -365,7 +389,8 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
     for name, values in (("predictor_host_ms", {"prefetch.depth": 1}),
                          ("adaptive_host_ms", {"adaptive_k.threshold": 0.9})):
         handle = _attach(model, reduced_spec(spec, deep), dev, dtype, **values)
-        step = measure_decode_step_ms(model, spec.vocab_size, dev, steps=decode_steps, seed=seed)
+        step = min(measure_decode_rounds(model, spec.vocab_size, dev, steps=decode_steps, seed=seed,
+                                         rounds=rounds))
         handle.detach()
         extras[name] = max(0.0, (step - step_deep) / deep)
     del handle, model
@@ -387,6 +412,12 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
     runtime[f"decode_step_ms_{small}moe"] = step_small
     runtime[f"decode_step_ms_{deep}moe"] = step_deep
     rt = pd.DataFrame({"name": list(runtime), "value": [float(v) for v in runtime.values()]})
+    tables = {"transfer": transfer, "kernel": kernel, "layer": layer, "runtime": rt}
+    noise = None
+    if not cuda:  # a shared CPU: monotone fit of the token tables, and the noise verdict
+        tables = fit_cpu_tables(tables)
+        noise = noise_verdict(tables, decode_spread=slope_spread(small_r, deep_r, (small, deep))[1],
+                              others_cpu=load.others_share())
     if cuda:
         kind = "measured-gpu"
         note = (f"measured on {torch.cuda.get_device_name(dev)} with random weights at the real dims "
@@ -396,10 +427,9 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
         note = ("measured on this machine's CPU (no GPU used): copies are host memcpy, kernel and "
                 "layer times are CPU times; not representative of a GPU. Tune for a GPU with "
                 "--hardware h200 or profile on the GPU machine")
-    tables = {"transfer": transfer, "kernel": kernel, "layer": layer, "runtime": rt}
     if tables_engine is not None:
         tables["engine"] = tables_engine
-    return TimingResult(tables, kind, note)
+    return TimingResult(tables, kind, note, noise)
 
 
 def timing_summary(tables: dict[str, pd.DataFrame], bytes_per_expert: int) -> dict:
