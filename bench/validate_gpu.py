@@ -17,7 +17,9 @@
    every config within 20 %, Spearman >= 0.9, counts equal.
 
 `--extra BUDGET:LABEL=CONFIG.yaml` adds configs from files (e.g. what ef-tune chose), measured in
-the same rounds; with `--pays`, each extra is compared with the default config at its budget.
+the same rounds; with `--pays`, each extra is also measured beside the untuned default a user gets
+at its budget (expertflow.default_config: no priors, a cold cache) and compared with it.
+bench/tuning_pays.sh runs the whole chain (engine timing, ef-tune per budget, this).
 """
 
 from __future__ import annotations
@@ -77,6 +79,15 @@ def configs_for(spec, priors, extras):
     return out
 
 
+def untuned(spec, budget, like):
+    """What a user gets without ef-tune: expertflow.default_config (no priors: a cold cache),
+    at the context length of the tuned config `like` (so both reserve the same KV cache)."""
+    from expertflow.budget import plan_memory
+    from expertflow.config import default_config
+
+    return default_config(spec, plan_memory(spec, budget, max_context_tokens=like.memory.max_context_tokens))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2-moe")
@@ -117,6 +128,8 @@ def main(argv=None) -> int:
     print(f"built {spec.name} in {time.perf_counter() - t0:.1f} s; {len(plan)} sequence(s), {decode_tokens} "
           f"decode tokens; timing {prof.meta['timing'].get('kind')}", flush=True)
     configs = configs_for(spec, prof.priors(), args.extra)
+    if args.pays:
+        configs += [(f"{b} untuned default", b, untuned(spec, b, cfg)) for _, b, cfg in configs[len(SPREAD):]]
     sim_trace = _as_replayed(trace, model)
     preds = [simulate(sim_trace, costs, cfg, prompt_tokens=args.prompt_tokens, max_decode_tokens=decode_tokens).metrics
              for _, _, cfg in configs]
@@ -137,16 +150,15 @@ def main(argv=None) -> int:
         rows.append({"label": label, "budget": budget, "predicted": p, "measured": med, "runs": tps,
                      "error": (med["decode_tokens_per_s"] - p["decode_tokens_per_s"]) / p["decode_tokens_per_s"],
                      "counts_equal": all(abs(m["misses_per_token"] - p["misses_per_token"]) < 1e-9 for m in ms)})
-    spread = [r for r in rows if not r["label"].split(" ", 1)[1].startswith(tuple(
-        e.split(":", 1)[1].split("=")[0] for e in args.extra))] if args.extra else rows
+    spread = rows[:len(SPREAD)]
     pred = [r["predicted"]["decode_tokens_per_s"] for r in spread]
     meas = [r["measured"]["decode_tokens_per_s"] for r in spread]
     rho = spearman(pred, meas)
     errs = [abs(r["error"]) for r in spread]
     pays = []
     if args.pays:
-        for r in rows[len(SPREAD):]:
-            base = next(x for x in rows if x["budget"] == r["budget"] and x["label"].endswith("default"))
+        for r in rows[len(SPREAD):len(SPREAD) + len(args.extra)]:
+            base = next(x for x in rows if x["label"] == f"{r['budget']} untuned default")
             pays.append({"budget": r["budget"], "label": r["label"],
                          "x_default": r["measured"]["decode_tokens_per_s"] / base["measured"]["decode_tokens_per_s"],
                          "predicted_x_default": r["predicted"]["decode_tokens_per_s"]
@@ -164,6 +176,9 @@ def main(argv=None) -> int:
               f"{min(r['runs']):>6.1f}-{max(r['runs']):<6.1f} {r['error']:>+7.1%} "
               f"{p['hit_rate']:>6.3f}/{m['hit_rate']:<6.3f} {p['misses_per_token']:>6.2f}/{m['misses_per_token']:<6.2f} "
               f"{str(r['counts_equal']):>6}")
+    every = [abs(r["error"]) for r in rows]
+    print(f"all {len(rows)} configs: mean |error| {np.mean(every):.1%}, max {np.max(every):.1%}, Spearman "
+          f"{spearman([r['predicted']['decode_tokens_per_s'] for r in rows], [r['measured']['decode_tokens_per_s'] for r in rows]):.3f}")
     print(f"{len(spread)} spread configs: mean |error| {np.mean(errs):.1%}, max |error| {np.max(errs):.1%}, "
           f"Spearman {rho:.3f}")
     for x in pays:
