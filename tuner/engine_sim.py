@@ -6,14 +6,19 @@ pinned host memory (a miss); the r-th miss of a layer is also written into a sta
 (read-through admission, no second transfer). The host decides step n one step behind, beside
 the GPU. So a decode step of T tokens costs
 
-    gpu  = overhead(T) + L x layer(T)                          every expert resident (measured)
-         + sum over layers [kernel(T, h, m) - kernel(T, n_full, 0)]  its misses and dropped experts
-    step = max(gpu, host)                                      host: L x host_layer_ms
+    gpu  = overhead(T) + L x layer(T)                    every expert resident (measured)
+         + sum over layers [c m + b (h + m - n_full)]    its misses and dropped experts
+         + L x adaptive                                  adaptive-k's rule, when the config has it
+    step = max(gpu, host)                                host: L x host_layer_ms
 
-where h / m are the layer's distinct hits / misses in the step (after adaptive-k) and n_full
-the distinct experts of its full top-k routing: the measured all-resident step ran those. The
-kernel table (the profile's `engine` table) holds kernel(T, h, m) measured with h experts in
-slots and m zero-copy; outside it a least-squares plane a + b h + c m + d (T - 1) over it.
+where h / m are the layer's distinct hits / misses in the step (after adaptive-k), n_full the
+distinct experts of its full top-k routing (the measured all-resident step ran those), and b / c
+the marginal cost of one expert read from a slot / zero-copy over PCIe: the slopes of a
+least-squares plane a + b h + c m + d (T - 1) through the profile's `engine` table (the kernel
+measured with h experts in slots and m zero-copy). Slopes, not differences of two table points:
+each point carries the micro-benchmark's own fixed cost (cold L2, launch), which the captured
+step does not pay per layer (H200, qwen2-moe: 0.155 ms for 1 to 4 resident experts, while every
+extra miss adds 0.35 ms, 49 GB/s).
 Prefill runs eagerly, chunked, misses copied per expert: overhead + L x P x per-token + copies.
 
 Counts come from `expertflow.core.engine_cache.EngineScheduler`, the class the engine itself
@@ -44,6 +49,7 @@ class EngineCosts:
     prefill_layer_ms_per_token: float
     prefill_overhead_ms: float = 0.0
     copy_ms: float = 0.0  # one expert copied host -> device (prefill misses)
+    adaptive_layer_ms: float = 0.0  # adaptive-k's rule on the device, per MoE layer and step
 
     @classmethod
     def from_profile(cls, profile, copy_ms: float) -> EngineCosts | None:
@@ -62,7 +68,8 @@ class EngineCosts:
                    overhead_ms=tuple((b, values.get(f"engine_step_overhead_ms_b{b}", 0.0)) for b in batches),
                    kernel=kern, host_layer_ms=values.get("engine_host_layer_ms", 0.0),
                    prefill_layer_ms_per_token=values.get("engine_prefill_layer_ms_per_token", 0.0),
-                   prefill_overhead_ms=values.get("engine_prefill_overhead_ms", 0.0), copy_ms=copy_ms)
+                   prefill_overhead_ms=values.get("engine_prefill_overhead_ms", 0.0), copy_ms=copy_ms,
+                   adaptive_layer_ms=values.get("engine_adaptive_layer_ms", 0.0))
 
 
 class EngineTimeline:
@@ -91,12 +98,14 @@ class EngineTimeline:
     def resident_ms(self, T: int) -> float:
         return self._by_batch(self.c.overhead_ms, T) + self.L * self._by_batch(self.c.layer_ms, T)
 
-    def decode(self, T: int, hits, misses, full) -> tuple[float, float]:
-        """(step ms, of which the layers' misses and dropped experts) for one decode step."""
+    def decode(self, T: int, hits, misses, full, adaptive: bool = False) -> tuple[float, float]:
+        """(step ms, of which the layers' misses and dropped experts) for one decode step;
+        `adaptive`: adaptive-k's rule runs in the step (its measured cost per layer)."""
+        _, b, c, _ = self.plane
         extra = 0.0
         for h, m, n in zip(hits, misses, full):
-            extra += self.kernel(T, int(h), int(m)) - self.kernel(T, int(n), 0)
-        gpu = self.resident_ms(T) + extra
+            extra += c * m + b * (h - n)  # m reads over PCIe, h + m of the step's n from slots
+        gpu = self.resident_ms(T) + extra + (self.L * self.c.adaptive_layer_ms if adaptive else 0.0)
         return max(gpu, self.L * self.c.host_layer_ms), extra
 
     def prefill(self, P: int, copies: int) -> float:
@@ -133,12 +142,13 @@ def replay_engine(trace: RoutingTrace, config, steps, on_step=None) -> EngineSch
 def simulate_engine(trace: RoutingTrace, costs: EngineCosts, config, steps, bytes_per_expert: int) -> dict:
     """Metrics of `config` on the graph engine over `steps` (tuner.simulator's schedules)."""
     tl = EngineTimeline(costs, trace.num_layers)
+    adaptive = config.adaptive_k.threshold < 1.0
     acc = {"decode_ms": 0.0, "decode_tokens": 0, "stall_ms": 0.0, "misses": 0, "hits": 0,
            "prefill_ms": 0.0, "prefills": 0, "activated": 0.0, "dropped_mass": 0.0}
 
     def on_step(kind, T, hits, misses, full, delta):
         if kind == DECODE:
-            ms, extra = tl.decode(T, hits, misses, full)
+            ms, extra = tl.decode(T, hits, misses, full, adaptive)
             acc["decode_ms"] += ms
             acc["stall_ms"] += max(extra, 0.0)
             acc["decode_tokens"] += T

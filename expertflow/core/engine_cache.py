@@ -15,7 +15,8 @@ Deciding step n then
     decided step n-1 for a decode step (it was launched before that decision), the current one
     for a prefill step (the engine drains before a prefill);
  2. admits each of step n's written misses that is still not resident into its staging slot;
- 3. refills staging set n % 2 by evicting the policy's victims (never an expert step n used):
+ 3. refills staging set n % 2 from the free slots while there are any (a cold cache grows),
+    then by evicting the policy's victims (never an expert step n used):
     a victim's entry points back to the host now, and its slot is written again two steps later,
     after every step that could still read it has finished.
 
@@ -175,7 +176,11 @@ class EngineScheduler(Scheduler):
         protected = {(layer, e) for layer in range(L) for e in needed_all[layer]}
         for layer in range(L):
             want = self.staging[layer] - len(self.stage[layer][parity])
+            part = self.partitions[self.partition_of_layer[layer]]
             for _ in range(want):
+                if part.free:  # a cold cache (no warm start) grows into its free slots first
+                    self.stage[layer][parity].append(part.slots[part.free.pop()])
+                    continue
                 victim = self._victim(layer, protected)
                 if victim is None:
                     break

@@ -119,3 +119,12 @@ def test_profile_engine_measurements_reach_the_simulator(tmp_path):
     assert len(ec.kernel) == len(grid)
     Prof.tables = {"runtime": Prof.tables["runtime"]}
     assert EngineCosts.from_profile(Prof(), copy_ms=0.5) is None  # no engine table: a CPU profile
+
+
+def test_adaptive_k_rule_costs_its_measured_time_per_layer():
+    tr = trace_of([[0, 1]] * 4, weights=[[0.9, 0.1]] * 4)
+    ruled = dataclasses.replace(COSTS, engine=dataclasses.replace(ENGINE, adaptive_layer_ms=0.25))
+    cut = simulate(tr, ruled, config(4, top_k=2, priors=[[1, 1, 1, 1]], threshold=0.8), schedule="recorded")
+    full = simulate(tr, ruled, config(4, top_k=2, priors=[[1, 1, 1, 1]]), schedule="recorded")
+    assert cut.timeline["decode_ms"] == pytest.approx(3 * (0.5 + 0.25))  # one expert fewer, the rule's cost
+    assert full.timeline["decode_ms"] == pytest.approx(3 * 0.6)  # no rule without adaptive-k

@@ -14,7 +14,9 @@ What `measure_engine` measures (random weights at the model's real dims; `tuner.
 * the host's decision time per MoE layer and step (`engine_host_layer_ms`: the one-step-behind
   EngineScheduler on random routing at the model's L, E, k), which runs beside the GPU and only
   matters when it is longer than a step;
-* an eager prefill chunk with every expert resident (`engine_prefill_layer_ms_per_token`).
+* an eager prefill chunk with every expert resident (`engine_prefill_layer_ms_per_token`);
+* adaptive-k's own kernels in the step, per MoE layer (`engine_adaptive_layer_ms`: the step at
+  threshold 0.9 against 1.0).
 """
 
 from __future__ import annotations
@@ -68,6 +70,15 @@ def measure_steps(spec: ModelSpec, dev: torch.device, dtype: str, *, depth: int,
         eng.generate(pre, 2)
         prefill = [eng.generate(pre, 2, prefill_chunk=PREFILL_TOKENS).prefill_s * 1e3 for _ in range(reps)]
         out["prefill"] = float(np.median(prefill))
+        eng.detach()
+        # adaptive-k on the device (its top-k prefix rule runs in the step): batch 1, threshold 0.9
+        eng = attach(model, _resident_config(rs, dev, dtype, 1).with_values({"adaptive_k.threshold": 0.9}),
+                     device=str(dev))
+        ids = torch.randint(0, spec.vocab_size, (1, PROMPT_TOKENS), generator=g)
+        eng.capture(1, PROMPT_TOKENS + new_tokens + 1)
+        eng.generate(ids, 3)
+        out["adaptive"] = float(np.median([eng.generate(ids, new_tokens).decode_s / (new_tokens - 1) * 1e3
+                                           for _ in range(reps)]))
     finally:
         eng.detach()
         del eng, model
@@ -200,6 +211,9 @@ def measure_engine(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
     values["engine_prefill_overhead_ms"] = max(0.0, s["prefill"] - small * values[
         "engine_prefill_layer_ms_per_token"] * PREFILL_TOKENS)
     values["engine_host_layer_ms"] = measure_host_layer_ms(spec, seed=seed)
+    # what adaptive-k adds per MoE layer (the rule's kernels; dropped experts save ~nothing here)
+    values["engine_adaptive_layer_ms"] = max(0.0, (d["adaptive"] - s["adaptive"]) / (deep - small)
+                                             - values["engine_layer_ms_b1"])
     grid = measure_kernel_grid(spec, dev, dtype, batches=batches, reps=reps, seed=seed)
     task.advance()
     return values, grid
