@@ -218,8 +218,11 @@ def references(ctx: StudyContext, spec, plan, costs, baselines, *, decode_tokens
 
     refs = []
     total = spec.num_moe_layers * spec.num_experts
+    # every expert resident from the first token (uniform priors fill every slot at attach: this
+    # reference is the all-on-GPU model, not a cold cache that happens to be big enough)
     allv = {"cache.capacity_experts": total, "cache.scope": "per_layer", "prefetch.depth": 0,
-            "adaptive_k.threshold": 1.0}
+            "adaptive_k.threshold": 1.0, "cache.warm_start": True,
+            "cache.priors": [[1.0] * spec.num_experts for _ in range(spec.num_moe_layers)]}
     m, cons = evaluate(ctx, allv, max_decode_tokens=decode_tokens)
     need = int(m["peak_gpu_bytes"] + ctx.base_config.memory.margin_bytes)
     ok = feasible(cons)
