@@ -174,6 +174,22 @@ class EngineScheduler(Scheduler):
         # 3. refill every layer's staging set of this parity (after all admissions, so a layer's
         #    victim is never an expert this step needed in any layer)
         protected = {(layer, e) for layer in range(L) for e in needed_all[layer]}
+        self._refill(parity, protected, plan, changed)
+        self._last = changed
+        self.step += 1
+        if kind == DECODE_STEP:
+            d = self.decode
+            d["steps"] += 1
+            d["tokens"] += int(ids.shape[1])
+            d["admitted"] += plan.admitted
+            d["hits"] += plan.hits
+            d["misses"] += plan.misses
+        return plan
+
+    def _refill(self, parity: int, protected: set, plan: StepPlan, changed: dict) -> None:
+        """Refill every layer's staging set of `parity`: free slots first, then the policy's
+        victims (never an expert in `protected`, the step's own)."""
+        L = self.p.num_layers
         for layer in range(L):
             want = self.staging[layer] - len(self.stage[layer][parity])
             part = self.partitions[self.partition_of_layer[layer]]
@@ -189,16 +205,7 @@ class EngineScheduler(Scheduler):
                 plan.entries[(ev_l, ev_e)] = -1
                 self.stage[layer][parity].append(slot)
                 plan.evicted += 1
-        self._last = changed
-        self.step += 1
-        if kind == DECODE_STEP:
-            d = self.decode
-            d["steps"] += 1
-            d["tokens"] += int(ids.shape[1])
-            d["admitted"] += plan.admitted
-            d["hits"] += plan.hits
-            d["misses"] += plan.misses
-        return plan
+
 
     def _place(self, layer: int, expert: int, slot: int) -> None:
         part = self.partitions[self.partition_of_layer[layer]]

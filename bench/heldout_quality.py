@@ -1,0 +1,62 @@
+"""Held-out quality: does ef-tune's choice stay within --max-quality-loss on prompts it never saw?
+
+    python3 bench/heldout_quality.py [--checkpoint ../shared/models/pydocs-moe] [--cap 0.02]
+
+Splits the checkpoint's prompts.jsonl in two halves; runs ef-tune (CPU, --prompts = the first
+half: its trace and its quality table) with the cap; then measures the chosen config's adaptive-k
+(threshold, min_k, renormalize) for real on the second half (tuner.quality.measure_quality: the
+relative perplexity increase against full top-k) and prints both, with the cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default=str(Path(__file__).resolve().parents[2] / "shared/models/pydocs-moe"))
+    ap.add_argument("--cap", type=float, default=0.02)
+    ap.add_argument("--budget", default="0.2GB")
+    ap.add_argument("--trials", type=int, default=40)
+    args = ap.parse_args(argv)
+    import yaml
+
+    from expertflow.registry import resolve_model
+    from tuner.cli import tune_main
+    from tuner.quality import measure_quality, prompt_ids
+
+    ck = Path(args.checkpoint)
+    lines = [x for x in (ck / "prompts.jsonl").read_text().splitlines() if x.strip()]
+    half = len(lines) // 2
+    work = Path(tempfile.mkdtemp(prefix="ef-heldout-"))
+    (work / "tune.jsonl").write_text("\n".join(lines[:half]) + "\n")
+    (work / "heldout.jsonl").write_text("\n".join(lines[half:]) + "\n")
+    rc = tune_main(["--model", str(ck), "--budget", args.budget, "--max-quality-loss", str(args.cap),
+                    "--prompts", str(work / "tune.jsonl"), "--trials", str(args.trials), "--device", "cpu",
+                    "--no-validate", "--no-report", "--out", str(work / "out")])
+    if rc != 0:
+        return rc
+    cfg = yaml.safe_load((work / "out" / "config.yaml").read_text())
+    ak = cfg["adaptive_k"]
+    tuning = json.loads((work / "out" / "tuning.json").read_text())
+    predicted = (tuning.get("chosen") or {}).get("predicted", {}).get("quality_loss")
+    spec = resolve_model(str(ck))
+    ids = prompt_ids(spec, str(work / "heldout.jsonl"))
+    t = measure_quality(spec, [float(ak["threshold"])], prompts=ids, renormalize=bool(ak["renormalize"]),
+                        min_k=int(ak["min_k"]))
+    held = t.loss_table().get(float(ak["threshold"]), 0.0)
+    print(f"chosen adaptive-k {ak}: quality loss predicted {predicted} on the tuning half, measured "
+          f"{held:.4f} on {len(ids)} held-out prompts; cap {args.cap}: "
+          f"{'WITHIN' if held <= args.cap else 'OVER'} the cap")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
