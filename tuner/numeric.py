@@ -42,3 +42,21 @@ def piecewise_linear(xs: Sequence[float] | np.ndarray, ys: Sequence[float] | np.
     else:
         y = np.interp(x, xs, ys)
     return float(max(0.0, y))
+
+
+def relative_error(predicted: object, measured: object) -> float | None:
+    """(measured - predicted) / |predicted|: how far a measurement is from its prediction. None
+    when either is missing, not a number or not finite, or the prediction is 0. The one
+    definition for validation (`tuner.validate`), the report and the GPU bench."""
+    p, m = _finite(predicted), _finite(measured)
+    if p is None or m is None or p == 0:
+        return None
+    return (m - p) / abs(p)
+
+
+def _finite(value: object) -> float | None:
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) else None
