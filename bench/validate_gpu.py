@@ -108,6 +108,7 @@ def main(argv=None) -> int:
     from expertflow.engine import attach
     from expertflow.registry import resolve_model
     from expertflow.runtime.loading import build_model
+    from tuner.numeric import relative_error
     from tuner.profiler import run_profile
     from tuner.simulator import Costs, simulate
     from tuner.validate import _as_replayed, measure_on_engine, replay_schedule
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
         tps = [m["decode_tokens_per_s"] for m in ms]
         med = ms[int(np.argsort(tps)[(len(tps) - 1) // 2])]
         rows.append({"label": label, "budget": budget, "predicted": p, "measured": med, "runs": tps,
-                     "error": (med["decode_tokens_per_s"] - p["decode_tokens_per_s"]) / p["decode_tokens_per_s"],
+                     "error": relative_error(p["decode_tokens_per_s"], med["decode_tokens_per_s"]),
                      "counts_equal": all(abs(m["misses_per_token"] - p["misses_per_token"]) < 1e-9 for m in ms)})
     spread = rows[:len(SPREAD)]
     pred = [r["predicted"]["decode_tokens_per_s"] for r in spread]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from expertflow.budget import format_bytes
+from tuner.numeric import relative_error  # noqa: F401 - re-exported: the one definition
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,3 @@ def format_metric(key: str, value: Any) -> str:
         return f"{format_bytes(v)}/token"
     shown = v * m.scale
     return f"{shown:,.{m.digits}f} {m.unit}".rstrip()
-
-
-def relative_error(predicted: Any, measured: Any) -> float | None:
-    """(measured - predicted) / |predicted|; None when either is missing or predicted is 0."""
-    p, m = _num(predicted), _num(measured)
-    if p is None or m is None or p == 0:
-        return None
-    return (m - p) / abs(p)

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from .numeric import relative_error
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +38,11 @@ def _counts(ctx, trace, config, max_decode_tokens) -> dict[str, float]:
 
 
 def _rel(a: float, b: float) -> float:
-    return abs(a - b) / b if b else (0.0 if a == b else float("inf"))
+    """|a - b| / b (b, the re-recorded count, >= 0); 0 when both are 0, inf when only b is."""
+    err = relative_error(b, a)
+    if err is None:
+        return 0.0 if a == b else float("inf")
+    return abs(err)
 
 
 def count_error(spec, prof, ctx, finalists: list[dict], *, token_lists: list[list[int]], device: str,

@@ -53,6 +53,8 @@ from expertflow.errors import DataError
 from expertflow.fsutil import read_versioned
 from expertflow.trace import RoutingTrace
 
+from .numeric import piecewise_linear
+
 PROFILE_VERSION = 1
 TABLES = ("activation", "coactivation", "transitions", "reuse", "predictor", "transfer", "kernel",
           "layer", "runtime", "engine")
@@ -72,20 +74,13 @@ REQUIRED_COLUMNS = {
 
 
 def interpolate(table: pd.DataFrame, x_col: str, x: float, y_col: str = "median_ms") -> float:
-    """Piecewise-linear interpolation in x (linear extrapolation past the ends, never < 0)."""
-    t = table.sort_values(x_col)
-    xs = t[x_col].to_numpy(dtype=np.float64)
-    ys = t[y_col].to_numpy(dtype=np.float64)
-    if len(xs) == 0:
+    """`y_col` at `x_col` = x in a profile table, by the tuner's one rule
+    (`tuner.numeric.piecewise_linear`: flat below the first point, linear inside, linear
+    extrapolation past the last, never < 0)."""
+    if len(table) == 0:
         raise DataError(f"profile table for {y_col} vs {x_col} is empty; re-run ef-profile")
-    if len(xs) == 1:
-        return float(ys[0])
-    if x <= xs[0]:
-        return float(max(0.0, ys[0]))
-    if x >= xs[-1]:
-        slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-12)
-        return float(max(0.0, ys[-1] + slope * (x - xs[-1])))
-    return float(np.interp(x, xs, ys))
+    t = table.sort_values(x_col)
+    return piecewise_linear(t[x_col].to_numpy(dtype=np.float64), t[y_col].to_numpy(dtype=np.float64), x)
 
 
 @dataclass

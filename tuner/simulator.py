@@ -39,6 +39,7 @@ from expertflow.core.engine_cache import EngineScheduler
 from expertflow.trace import DECODE, RoutingTrace
 
 from .engine_sim import EngineCosts, replay_engine, simulate_engine, whole_layer_offload_ms
+from .numeric import piecewise_linear
 from .schedule import decode_schedule, recorded_schedule, schedule_steps  # noqa: F401 - re-exported
 
 METRIC_KEYS = ("decode_tokens_per_s", "prefill_ms", "stall_ms_per_token", "hit_rate",
@@ -72,14 +73,8 @@ class Costs:
 
     @staticmethod
     def _interp(table, x: float) -> float:
-        xs = np.array([a for a, _ in table], dtype=np.float64)
-        ys = np.array([b for _, b in table], dtype=np.float64)
-        if len(xs) == 1:
-            return float(ys[0])
-        if x >= xs[-1]:
-            slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-12)
-            return float(max(0.0, ys[-1] + slope * (x - xs[-1])))
-        return float(np.interp(x, xs, ys))
+        """The profile's rule (tuner.numeric.piecewise_linear) on a (x, y) tuple table."""
+        return piecewise_linear([a for a, _ in table], [b for _, b in table], x)
 
     def _gpu_share(self, step_tokens: int) -> float:
         return self.gpu_share_decode if step_tokens <= self.decode_tokens_max else 1.0

@@ -28,12 +28,12 @@ instance only (no code of the runtime changes):
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
 import numpy as np
 
+from .numeric import relative_error
 from .schedule import sequences
 from .simulator import simulate
 
@@ -44,13 +44,12 @@ COMPARED = ("decode_tokens_per_s", "prefill_ms", "stall_ms_per_token", "hit_rate
 
 
 def relative_errors(predicted: dict[str, float], measured: dict[str, float]) -> dict[str, float]:
-    """(measured - predicted) / |predicted| per metric both have (predicted != 0)."""
+    """`tuner.numeric.relative_error` per compared metric, where it is defined."""
     out = {}
     for k in COMPARED:
-        p, m = predicted.get(k), measured.get(k)
-        if p is None or m is None or not math.isfinite(p) or not math.isfinite(m) or p == 0:
-            continue
-        out[k] = (m - p) / abs(p)
+        err = relative_error(predicted.get(k), measured.get(k))
+        if err is not None:
+            out[k] = err
     return out
 
 
