@@ -51,9 +51,6 @@ FUNCTION_EXCEPTIONS = {
     "tuner/pipeline.py:_export": "the export's stages; split with tune()",
     "tuner/profiler/timing.py:measure_timing": "the timing stages in order; not split yet",
     "tuner/search_space/parsing.py:_parse_param": "one branch per parameter type; not split yet",
-    "expertflow/core/engine_cache.py:decide": "the graph engine's decision core (grew past 80 lines "
-                                              "with the cold-cache refill, 71fcd49); belongs to the "
-                                              "engine issues",
 }
 
 
