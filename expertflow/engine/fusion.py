@@ -88,12 +88,25 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
 _PATCHED: dict[object, list] = {}  # modeling module -> [its own apply_rotary_pos_emb, engines active]
 
 
+def plain_function(fn):
+    """The plain function under a hub-replaceable one. With the `kernels` package installed,
+    transformers' `@use_kernel_forward_from_hub` turns a function into an nn.Module instance whose
+    forward calls the original (kept in its closure as `func`) unless a hub kernel is active
+    (kernels' private layout: tests/engine/test_fusion.py fails when it changes); else `fn`."""
+    if isinstance(fn, nn.Module):
+        fwd = getattr(type(fn), "forward", None)
+        cells = dict(zip(getattr(getattr(fwd, "__code__", None), "co_freevars", ()), getattr(fwd, "__closure__", None) or ()))
+        inner = cells["func"].cell_contents if "func" in cells else None
+        return inner if inspect.isfunction(inner) else fn
+    return fn
+
+
 def standard_rotary_module(attn: nn.Module):
     """The modeling module of `attn` when its forward calls that module's standard
     apply_rotary_pos_emb (q * cos + rotate_half(q) * sin), else None."""
     mod = inspect.getmodule(type(attn))
     g = getattr(mod, "__dict__", {})
-    fn = _PATCHED[mod][0] if mod in _PATCHED else g.get("apply_rotary_pos_emb")
+    fn = plain_function(_PATCHED[mod][0] if mod in _PATCHED else g.get("apply_rotary_pos_emb"))
     if fn is None or g.get("torch") is not torch or not source_is(fn, _APPLY_ROTARY):
         return None
     if not source_is(g.get("rotate_half"), _ROTATE_HALF):
