@@ -25,14 +25,27 @@ def kv_bucket(max_len: int, length: int) -> int:
     return min(b, max_len)
 
 
+_WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}  # device index -> the process's warm-up stream
+
+
+def warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every capture's warm-up, for the whole process (as torch's
+    own graph capture stream is). cuBLAS keeps a workspace per stream it ever ran on, allocated
+    from the caching allocator and never freed, and the caching allocator keeps freed blocks per
+    stream: a new stream per capture left ~0.2 GiB reserved each, a new one per attach ~0.14 GB
+    allocated until torch's 32 pooled streams had all been used (H200, qwen2-moe, 2026-12-03)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[idx] = torch.cuda.Stream(idx)
+    return _WARMUP_STREAMS[idx]
+
+
 class StepGraphs:
     def __init__(self, device: torch.device | None):
         self.device = device
         self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if device is not None else None
-        # one side stream for every capture's warm-up: the caching allocator keeps freed blocks
-        # per stream, so a new stream per capture left ~0.2 GiB reserved each (H200, qwen2-moe)
-        self.stream = torch.cuda.Stream(device) if device is not None else None
+        self.stream = warmup_stream(device) if device is not None else None
 
     def clear(self) -> None:
         """Drop every graph and hand its private memory back (reset() frees the graph's pool
