@@ -138,6 +138,11 @@ class Memory(_Strict):
     margin_bytes: int = Field(ge=0)
     expert_cache_bytes: int = Field(ge=0)
     bytes_per_expert: int = Field(ge=1)
+    enforce_budget: bool = Field(True, description="graph engine on CUDA: cap this process's CUDA "
+                                                   "caching allocator at budget_bytes while attached "
+                                                   "(it frees cached blocks before it would exceed "
+                                                   "it), so reserved memory stays within the budget; "
+                                                   "what else the process holds on the GPU counts too")
 
 
 class Hardware(_Strict):

@@ -41,6 +41,8 @@ MODULE_EXCEPTIONS = {
                          "edits it in parallel)",
     "reports/data.py": "the report's data functions; not split yet",
     "reports/build.py": "the report page's sections; not split yet",
+    "expertflow/engine/engine.py": "GraphEngine: attach (with its undo and allocator cap), the model "
+                                   "loop, the one-step-behind decisions and generate in one class",
     "expertflow/config.py": "the config schema plus the field introspection the search space reads "
                             "(moved here by issue 12); splitting the schema is expertflow's own layout",
 }

@@ -33,14 +33,14 @@ from torch import nn
 from ..config import RuntimeConfig
 from ..core import SchedulerParams
 from ..core.engine_cache import DECODE_STEP, PREFILL_STEP, EngineScheduler
-from ..errors import ConfigError
 from ..runtime.offload import BACKEND_NAME, attach_target, register_backend
 from ..runtime.store import HostStore, SlotPool
 from . import kernels
 from .fusion import Fusions, fuse_enabled
 from .graphs import StepGraphs, kv_bucket
+from .memory_cap import AllocatorCap, over_budget
 from .static_cache import StaticKV
-from .support import GenerationOutput, check_supported, device_adaptive_k, experts_torch
+from .support import GenerationOutput, check_context, check_supported, device_adaptive_k, experts_torch
 from .tables import DeviceTables
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,20 @@ class GraphEngine(AbstractContextManager):
         self.counters = self.sched.counters
         self.R = max(max(self.sched.staging), 1)
         register_backend()
+        self.store = self.fusions = None
+        self._attached = False
+        self._cap = AllocatorCap(self.device, config.memory.budget_bytes) \
+            if self.cuda and config.memory.enforce_budget else None
+        try:
+            self._attach(model, config, fuse_on)
+        except torch.OutOfMemoryError as exc:
+            self._undo()
+            raise over_budget(config, self.sched.num_slots, self.device, exc) from exc
+        except BaseException:
+            self._undo()
+            raise
+
+    def _attach(self, model: nn.Module, config: RuntimeConfig, fuse_on: set[str]) -> None:
         pin = self.cuda and config.runtime.pin_memory
         self._prev_impl = model.get_experts_implementation() if hasattr(model, "get_experts_implementation") \
             else {"": model.config._experts_implementation}
@@ -261,11 +275,7 @@ class GraphEngine(AbstractContextManager):
     def _generate(self, input_ids, max_new_tokens, keep_logits, prefill_chunk) -> GenerationOutput:
         B, P = input_ids.shape
         self._setup_batch(B)
-        if P + max_new_tokens > self.max_len:
-            raise ConfigError(f"memory.max_context_tokens {self.max_len} is less than the prompt ({P}) + "
-                              f"{max_new_tokens} new tokens: the graph engine's KV cache is reserved for "
-                              "max_context_tokens; raise it in the config (ef-tune --max-context) or "
-                              "generate fewer tokens")
+        check_context(self.max_len, P, max_new_tokens)
         self._drain()
         dev = self.device
         ids = input_ids.to(dev)
@@ -372,16 +382,22 @@ class GraphEngine(AbstractContextManager):
         self._drain()
         self._sync()
         self.graphs.clear()
-        self.store.restore()
-        self.fusions.restore()
-        prev = self._prev_impl
-        self.model.set_experts_implementation(prev if len(prev) > 1 else prev.get("") or "grouped_mm")
-        self.pool = None
-        self.tables = None
-        self.kv = None
+        self._undo()
+
+    def _undo(self) -> None:
+        """Put back what attaching changed (also after a failed attach) and lift the cap."""
+        if self.store is not None:
+            self.store.restore()
+        if self.fusions is not None:
+            self.fusions.restore()
+        if (prev := getattr(self, "_prev_impl", None)) is not None:
+            self.model.set_experts_implementation(prev if len(prev) > 1 else prev.get("") or "grouped_mm")
+        self.store = self.fusions = self.pool = self.tables = self.kv = None
         self._attached = False
         if self.cuda:
             torch.cuda.empty_cache()
+            if self._cap is not None:
+                self._cap.release()
 
     def __exit__(self, *exc) -> None:
         self.detach()

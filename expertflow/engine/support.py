@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..core.engine_cache import staging_ranks
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 
 
 @dataclass
@@ -25,6 +25,15 @@ class GenerationOutput:
         b = self.sequences.shape[0]
         steps = max(self.new_tokens - 1, 0)
         return b * steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def check_context(max_len: int, prompt_tokens: int, new_tokens: int) -> None:
+    """The graph engine's KV cache is reserved for memory.max_context_tokens: refuse more."""
+    if prompt_tokens + new_tokens > max_len:
+        raise ConfigError(f"memory.max_context_tokens {max_len} is less than the prompt ({prompt_tokens}) + "
+                          f"{new_tokens} new tokens: the graph engine's KV cache is reserved for "
+                          "max_context_tokens; raise it in the config (ef-tune --max-context) or "
+                          "generate fewer tokens")
 
 
 def check_supported(model, blocks) -> None:
