@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from expertflow.budget import format_bytes, plan_memory  # noqa: E402
 from expertflow.config import default_config  # noqa: E402
 from expertflow.engine import attach, replay_generate  # noqa: E402
+from expertflow.errors import BudgetError  # noqa: E402
 from expertflow.registry import resolve_model  # noqa: E402
 from expertflow.runtime.adapters import find_moe_blocks  # noqa: E402
 from expertflow.runtime.loading import build_model  # noqa: E402
@@ -162,8 +163,12 @@ def profile_step(eng, steps=5):
 
 def engine_row(model, cfg, trace, plan, label, budget_bytes, bpe, profile=False, fuse=True):
     memory_window()
-    mem = {}
-    eng = attach(model, cfg, device="cuda", fuse=fuse)
+    mem = {"before_attach": torch.cuda.memory_allocated()}
+    try:
+        eng = attach(model, cfg, device="cuda", fuse=fuse)
+    except BudgetError as e:  # the allocator cap (memory.enforce_budget) refused: say so, go on
+        return {"row": label, "tokens_per_s": float("nan"), "error": str(e), "budget": budget_bytes,
+                "peak_alloc": peaks()[0], "peak_reserved": peaks()[1], "within_budget": False, "memory": mem}
     try:
         mem["after_attach"] = torch.cuda.memory_allocated()
         eng.use_replay(max(len(r) for r, _ in plan))
@@ -236,6 +241,9 @@ def main(argv=None):
                     help="first, one pass over policies x read-through slots at each budget (a table)")
     ap.add_argument("--no-fuse", action="store_true",
                     help="also the all-resident row with the engine's kernel fusions off (fuse=False): an A/B in one run")
+    ap.add_argument("--replay-seed", type=int, default=1,
+                    help="seed of the replayed routing trace; the configs' priors come from the "
+                         "profile's trace (seed 0), so the default replays routing they never saw")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from tuner.profiler import run_profile
@@ -243,14 +251,15 @@ def main(argv=None):
 
     spec = resolve_model(args.model)
     prof = run_profile(spec, None, device="cpu", hardware="h200", progress=False)
-    trace = prof.trace
+    trace = prof.trace if args.replay_seed == 0 else run_profile(
+        spec, None, device="cpu", hardware="h200", progress=False, seed=args.replay_seed).trace
     plan = replay_schedule(trace, args.prompt_tokens, args.new_tokens)
     priors = prof.priors()
     t0 = time.perf_counter()
     model = build_model(spec, device="cuda", dtype="bfloat16", seed=0, experts_on_host=True)
     experts = Experts(model)
     print(f"built {spec.name} on {torch.cuda.get_device_name()} in {time.perf_counter() - t0:.1f} s; "
-          f"routing {prof.routing_kind} trace, {len(plan)} sequence(s), "
+          f"routing {prof.routing_kind} trace (replay seed {args.replay_seed}, priors from seed 0), {len(plan)} sequence(s), "
           f"{sum(len(r) - p for r, p in plan)} decode tokens", flush=True)
     gbps = pcie_gbps()
     print(f"pinned host->device: {gbps:.1f} GB/s", flush=True)
@@ -321,7 +330,9 @@ def main(argv=None):
     resident = med["graph engine, every expert resident"]
     step_ms = 1000.0 / resident["tokens_per_s"]
     for r in med.values():
-        if r["row"].startswith("graph engine"):
+        if r.get("error"):
+            print(f"FAILED {r['row']}: {r['error']}")
+        elif r["row"].startswith("graph engine"):
             floor_ms = step_ms + r["bytes_per_token"] / (gbps * 1e9) * 1000.0
             r["floor_tokens_per_s"] = 1000.0 / floor_ms
             r["x_floor"] = (1000.0 / r["tokens_per_s"]) / floor_ms
