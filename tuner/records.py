@@ -1,0 +1,247 @@
+"""Typed, versioned records for what crosses a stage or a file of the tuner.
+
+    TrialRecord      one completed trial of the study (tuner.trials.completed_trials), handed
+                     to the choice, the Pareto front and tuning.json
+    TuningRecord     tuning.json: what ef-tune decided and why (the pipeline writes it, the
+                     report reads it, the tests build their fixtures through it)
+
+A record is strict: an unknown or misspelt field is an error where the record is built, so a
+renamed field breaks the writer, the reader and the fixtures at once. `TuningRecord.load` turns
+a file that does not validate into one DataError line; `save` writes atomically.
+
+Shapes: metrics are the simulator's METRICS (tuner.simulator) by name, `dict[str, float]`;
+params are a trial's searched values by dotted RuntimeConfig key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from expertflow.errors import DataError
+from expertflow.fsutil import atomic_write_text, read_versioned
+
+TUNING_FILE = "tuning.json"
+TUNING_VERSION = 1
+
+Metrics = dict[str, float | None]
+Params = dict[str, Any]
+
+
+class Record(BaseModel):
+    """Strict: unknown fields are errors; types are checked where the record is built."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---- a trial ----------------------------------------------------------------------------------
+class TrialRecord(Record):
+    number: int
+    params: Params
+    values: list[float]  # the study's objectives: decode tokens/s, quality loss
+    metrics: Metrics  # every simulator metric of the trial
+    constraints: dict[str, float]  # tuner.trials.trial_constraints (<= 0 is feasible)
+    feasible: bool
+    baseline: str | None = None  # the name of an enqueued baseline (default config, plain LRU)
+
+
+# ---- tuning.json ------------------------------------------------------------------------------
+class ModelInfo(Record):
+    name: str
+    architecture: str
+    fingerprint: str
+    num_moe_layers: int
+    num_experts: int
+    top_k: int
+    bytes_per_expert: int
+
+
+class BudgetInfo(Record):
+    text: str
+    bytes: int
+    plan: dict[str, Any]  # expertflow.budget.MemoryPlan.as_dict()
+    terms: list[tuple[str, int]]  # (what, bytes) as the budget's summary lists them
+
+
+class HardwareInfo(Record):
+    gpu_name: str | None = None
+    gpu_memory_bytes: int | None = None
+    pcie_generation: int | None = None
+    pcie_width: int | None = None
+    driver_version: str | None = None
+    cuda_version: str | None = None
+    torch_version: str | None = None
+    transformers_version: str | None = None
+    source: str | None = None  # "measured" or "bundled:<name>"
+
+
+class RoutingInfo(Record):
+    kind: Literal["real", "synthetic"]
+    note: str = ""
+
+
+class StudyInfo(Record):
+    name: str
+    storage: str  # the storage URL, password masked
+    n_trials: int
+    objectives: list[str]
+    directions: list[str]
+    seed: int = 0
+    search_space: dict[str, Any]
+    jobs: int | None = None
+    target: int | None = None  # the study-wide trial target
+    complete: bool | None = None
+    max_decode_tokens: int | None = None  # decode tokens each trial simulates
+    final_decode_tokens: int | None = None  # ... and each finalist / reference
+
+
+class QualityInfo(Record):
+    metric: Literal["perplexity_increase", "dropped_mass"]
+    cap: float | None
+    table: list[dict[str, Any]] | None  # per threshold: the measured loss columns
+    chosen_measured: dict[str, Any] | None = None  # the chosen config's quality, measured for real
+
+
+class ChosenInfo(Record):
+    trial: int
+    params: Params
+    predicted: Metrics
+    rule: str
+
+
+class Reference(Record):
+    name: str
+    feasible: bool = True
+    predicted: Metrics | None = None
+    reason: str | None = None  # why it is infeasible
+
+
+class ParetoPoint(Record):
+    trial: int
+    values: list[float]
+    params: Params
+
+
+class Validation(Record):
+    label: str  # "chosen", "trial N", ...
+    trial: int | None = None
+    params: Params | None = None
+    predicted: Metrics | None = None
+    measured: Metrics | None = None
+    error: Metrics | None = None  # relative error per compared metric
+    note: str | None = None
+
+
+class SensitivitySetting(Record):
+    label: str
+    locality: float
+    lru_hit_25: float
+
+
+class SensitivityRow(Record):
+    trial: int
+    speeds: list[float]  # predicted tokens/s per setting
+    worst: float
+
+
+class Sensitivity(Record):
+    """The speed of the finalists across less and more local synthetic routing (tuner.sensitivity)."""
+
+    settings: list[SensitivitySetting]
+    finalists: list[SensitivityRow]
+    chosen: int
+    speed_rule_choice: int
+    changed: bool
+    rule: str
+    quality_choice: int | None = None  # the band's pick measured over the quality cap
+
+
+class TimingNoise(Record):
+    """The profile's verdict on its own timing (tuner.profiler.robust.noise_verdict)."""
+
+    criterion: str
+    threshold_rel_iqr: float
+    noisy: bool
+    reasons: list[str]
+    decode_layer_spread: float | None = None
+    rows_over_threshold: int = 0
+    rows: int = 0
+    max_rel_iqr: float | None = None
+    max_fit_ratio: float | None = None
+    others_cpu_share: float | None = None
+
+
+class AdaptiveTraceCheck(Record):
+    """Exact top-k trace against traces re-recorded under the finalists' adaptive-k (real weights)."""
+
+    finalists: list[dict[str, Any]]
+    max_count_error: float
+    what: str
+
+
+class TuningRecord(Record):
+    """tuning.json, version 1."""
+
+    version: Literal[1] = TUNING_VERSION
+    created_at: str
+    tool_version: str
+    model: ModelInfo
+    budget: BudgetInfo
+    hardware: HardwareInfo
+    routing: RoutingInfo
+    profile_dir: str  # "profile" (inside the output folder) or an absolute path
+    study: StudyInfo
+    quality: QualityInfo
+    chosen: ChosenInfo
+    sensitivity: Sensitivity | None = None
+    timing_noise: TimingNoise | None = None
+    adaptive_trace: AdaptiveTraceCheck | None = None
+    references: list[Reference] = []
+    pareto: list[ParetoPoint] = []
+    validation: list[Validation] = []
+    validation_note: str = ""
+    notes: list[str] = []
+    timings_s: dict[str, float] = {}
+    run_command: str = ""
+
+    def reference(self, name: str) -> Reference | None:
+        return next((r for r in self.references if r.name == name), None)
+
+    def measured_chosen(self) -> Validation | None:
+        """The chosen config's validation entry when it was measured."""
+        return next((v for v in self.validation if v.label == "chosen" and v.measured), None)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=1)
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        path = Path(out_dir) / TUNING_FILE
+        atomic_write_text(path, self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, out_dir: str | os.PathLike) -> TuningRecord:
+        """tuning.json of an ef-tune output folder; one DataError line when the folder or the
+        file is missing, or the file is corrupt, of another version, or not a tuning record."""
+        d = Path(out_dir)
+        if not d.is_dir():
+            raise DataError(f"{str(d)!r} is not a folder; pass the ef-tune output folder (--out of ef-tune)")
+        f = d / TUNING_FILE
+        if not f.is_file():
+            raise DataError(f"{str(d)!r} has no {TUNING_FILE}: not an ef-tune output folder, or the run did "
+                            "not finish; run ef-tune --out DIR (or --resume it) first")
+        redo = "re-run ef-tune (--resume rewrites it)"
+        raw = read_versioned(f, json.loads, version=TUNING_VERSION, source=f"{str(f)!r}", redo=redo,
+                             errors=(json.JSONDecodeError,))
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise DataError(f"{str(f)!r} is not a tuning record ({where}: {first['msg']}; "
+                            f"{exc.error_count()} problem(s) in all): it is truncated or from another "
+                            f"tool; {redo}") from None
