@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     import yaml
 
     from expertflow.registry import resolve_model
-    from tuner.cli import tune_main
+    from efcli.tune import main as tune_main
     from tuner.quality import measure_quality, prompt_ids
 
     ck = Path(args.checkpoint)

@@ -41,7 +41,7 @@ _CTX = None  # the StudyContext in grid worker processes
 
 
 def _eval(values):
-    from tuner.study import evaluate
+    from tuner.objective import evaluate
 
     t0 = time.process_time()
     try:
@@ -94,7 +94,7 @@ def build_context(budget: str, decode_tokens: int, cap: float, seed: int = 0):
     from expertflow.registry import resolve_model
     from tuner import stats, synthetic
     from tuner.profiler.activation import load_prompts, token_counts, tokenize_prompts
-    from tuner.study import StudyContext
+    from tuner.objective import StudyContext
 
     spec = resolve_model("qwen2-moe")
     plan = plan_memory(spec, budget)
@@ -144,7 +144,8 @@ def best_within(results, cap):
 
 
 def run_budget(budget: str, args) -> dict:
-    from tuner.study import baseline_values, completed_trials, run_study
+    from tuner.study import baseline_values, run_study
+    from tuner.trials import completed_trials
 
     ctx, plan, symbols, source, trace = build_context(budget, args.decode_tokens, args.cap)
     points = grid_points(ctx.space)
@@ -178,15 +179,15 @@ def run_budget(budget: str, args) -> dict:
         t1 = time.perf_counter()
         run = run_study(ctx, storage_url="memory", name=f"bench-{seed}", n_trials=args.trials, seed=seed,
                         progress=False, baselines=baseline_values(ctx.space, base, symbols["budget"]))
-        trials = sorted(completed_trials(run.study), key=lambda t: t["number"])
+        trials = sorted(completed_trials(run.study), key=lambda t: t.number)
         best, reached, exact = None, None, None
         for t in trials:
-            if t["feasible"] and t["metrics"]["quality_loss"] <= args.cap + 1e-12:
-                best = t["values"][0] if best is None else max(best, t["values"][0])
+            if t.feasible and t.metrics["quality_loss"] <= args.cap + 1e-12:
+                best = t.values[0] if best is None else max(best, t.values[0])
             if reached is None and best is not None and best >= 0.98 * g_best:
-                reached = t["number"] + 1
+                reached = t.number + 1
             if exact is None and best is not None and best >= g_best * (1 - 1e-9):
-                exact = t["number"] + 1
+                exact = t.number + 1
         rows.append({"seed": seed, "best": best, "ratio": best / g_best, "reached_98_at": reached,
                      "reached_best_at": exact, "wall_s": time.perf_counter() - t1})
         print(f"TPE seed {seed}: best {best:.3f} tokens/s = {best / g_best:.4f} of the grid's best "

@@ -23,7 +23,7 @@ python3 bench/bundle_hardware.py --engine-only --models "$MODEL" --root "$HW" --
 for f in "$HW/h200/$MODEL"/*; do cp "$f" "$OUT/bundle-$(basename "$f")"; done
 extras=()
 for b in $BUDGETS; do
-  EXPERTFLOW_HARDWARE_DIR="$HW" python3 -c "import sys; from tuner.cli import tune_main; sys.exit(tune_main(sys.argv[1:]))" \
+  EXPERTFLOW_HARDWARE_DIR="$HW" python3 -c "import sys; from efcli.tune import main as tune_main; sys.exit(tune_main(sys.argv[1:]))" \
     --model "$MODEL" --budget "$b" --hardware h200 --trials "$TRIALS" --device cpu --no-validate \
     --no-report --out "$OUT/tune-$b" --force > "$OUT/tune-$b.log" 2>&1 &
   extras+=("$b:tuned=$OUT/tune-$b/config.yaml")

@@ -1,17 +1,21 @@
-"""`ef-run` handler: load a tuned config, build the model straight into offloaded form, generate,
-and report tokens/s, hit rate and stall time."""
+"""What `ef-run` does, as a library: check a tuned config against the model and this machine,
+build the model straight into offloaded form, generate, and summarise tokens/s, hit rate and
+stall time (efcli/run.py prints it).
+
+    prepare(config_path, model=None, device=None) -> Prepared   every check, before any work
+    build(prepared, seed) -> (model, handle)                     the model, offloaded
+    generate(prepared, handle, input_ids, max_new_tokens) -> dict  one generation, its summary
+"""
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import logging
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .budget import check_host_memory, format_bytes
-from .config import config_json_schema, load_config
+from .budget import HostNeed, check_host_memory
+from .config import RuntimeConfig, load_config
 from .errors import ConfigError, DataError, DeviceError, ModelError
 from .registry import ModelSpec, resolve_model
 
@@ -39,41 +43,6 @@ def _config_device(config, path) -> str:
                           f"(runtime.device: {dev}) but this machine has no CUDA GPU; run it on a machine "
                           "with that GPU, or add --device cpu to run it here on the CPU (slowly)")
     return dev
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
-
-
-@contextlib.contextmanager
-def building(what: str):
-    """Progress while a model is built or loaded: a rich spinner on a terminal, else one line
-    before and one after (stderr). transformers' own weight-loading bars are switched off
-    meanwhile, so they do not mix into ours."""
-    import time
-
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    t0 = time.perf_counter()
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        hf_logging = None
-    was_enabled = hf_logging.is_progress_bar_enabled() if hf_logging else False
-    if hf_logging:
-        hf_logging.disable_progress_bar()
-    try:
-        if console.is_terminal:
-            with console.status(f"ef-run: {what} ..."):
-                yield
-        else:
-            print(f"ef-run: {what} ...", file=sys.stderr, flush=True)
-            yield
-    finally:
-        if hf_logging and was_enabled:
-            hf_logging.enable_progress_bar()
-    print(f"ef-run: model ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 
 def current_gpu_name() -> str | None:
@@ -112,46 +81,67 @@ def tokenize(spec: ModelSpec, prompt: str | None, prompt_ids: str | None):
     return torch.tensor([ids]), None
 
 
-def cli_run(args: argparse.Namespace) -> int:
-    if args.schema:
-        print(json.dumps(config_json_schema(), indent=2))
-        return 0
-    if not args.config:
-        raise ConfigError("--config is required (the config.yaml ef-tune wrote); or pass --schema")
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
-    config = load_config(args.config)
-    spec = resolve_model(args.model or config.model.name)
-    check_model_matches(config, spec)
-    from .runtime.loading import engine_kind, load_model, resolve_device
+@dataclass
+class Prepared:
+    """A config checked against its model and this machine (see `prepare`)."""
 
-    device = resolve_device(args.device or _config_device(config, args.config))
-    if device.type == "cpu" and config.runtime.device.startswith("cuda"):
-        print(f"ef-run: note: config was tuned for {config.hardware.gpu_name or 'a CUDA GPU'} "
-              f"(runtime.device: {config.runtime.device}); running it on the CPU (--device cpu), so "
-              "speeds will not match its predictions", file=sys.stderr)
+    config: RuntimeConfig
+    config_path: Path
+    spec: ModelSpec
+    device: Any  # torch.device
+    host_need: HostNeed  # host memory the build needs (checked against what is available)
+    notes: list[str] = field(default_factory=list)  # what the user should know before it runs
+
+
+def prepare(config_path, *, model: str | None = None, device: str | None = None) -> Prepared:
+    """Load the config, resolve its model (or `model`: an alias runs random weights), check they
+    match, pick the device (the config's unless `device`), and check host memory; notes say when
+    the run will not match the config's predictions."""
+    from .runtime.loading import resolve_device  # noqa: PLC0415 - torch, only when a model is built
+
+    config = load_config(config_path)
+    spec = resolve_model(model or config.model.name)
+    check_model_matches(config, spec)
+    dev = resolve_device(device or _config_device(config, config_path))
+    notes = []
+    if dev.type == "cpu" and config.runtime.device.startswith("cuda"):
+        notes.append(f"note: config was tuned for {config.hardware.gpu_name or 'a CUDA GPU'} "
+                     f"(runtime.device: {config.runtime.device}); running it on the CPU (--device cpu), so "
+                     "speeds will not match its predictions")
     gpu = current_gpu_name()
     if config.hardware.gpu_name and gpu and gpu != config.hardware.gpu_name:
-        print(f"ef-run: warning: config was tuned for {config.hardware.gpu_name!r} but this GPU is "
-              f"{gpu!r}; it runs, but re-tune for best speed", file=sys.stderr)
-    input_ids, decode = tokenize(spec, args.prompt, args.prompt_ids)
-    need = check_host_memory(spec, dtype=config.runtime.dtype, device=str(device),
-                             pin_memory=config.runtime.pin_memory)
-    with building(f"building {spec.name} ({_count(need.params)} parameters, "
-                  f"{format_bytes(need.total_bytes)} in host memory) on {device}"):
-        model, handle = load_model(str(spec.checkpoint or spec.name), config, device=str(device), seed=args.seed)
+        notes.append(f"warning: config was tuned for {config.hardware.gpu_name!r} but this GPU is "
+                     f"{gpu!r}; it runs, but re-tune for best speed")
+    need = check_host_memory(spec, dtype=config.runtime.dtype, device=str(dev), pin_memory=config.runtime.pin_memory)
+    return Prepared(config, Path(config_path), spec, dev, need, notes)
+
+
+def build(prep: Prepared, *, seed: int = 0):
+    """(model, handle): the model built straight into offloaded form with the executor the
+    config names (aliases get random weights from `seed`)."""
+    from .runtime.loading import load_model  # noqa: PLC0415 - torch, only when a model is built
+
+    return load_model(str(prep.spec.checkpoint or prep.spec.name), prep.config, device=str(prep.device), seed=seed)
+
+
+def generate(prep: Prepared, handle, input_ids, max_new_tokens: int, *, decode=None) -> dict[str, Any]:
+    """Generate `max_new_tokens` greedily on the attached `handle` (detached afterwards) and
+    return the run's summary (text, tokens/s, hit rate, misses, stall, counters)."""
+    from .runtime.loading import engine_kind  # noqa: PLC0415 - torch, only when a model is built
+
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} must be >= 1")
     with handle:
         handle.reset_stats()
-        res = handle.generate(input_ids, args.max_new_tokens)
+        res = handle.generate(input_ids, max_new_tokens)
         stats = handle.stats
-    engine = engine_kind(config, device)
     new_ids = res.sequences[0, input_ids.shape[1]:].tolist()
     t = stats["total"]
     decode_tokens = max(res.new_tokens - 1, 0)
-    out = {
-        "model": spec.name, "config": str(args.config), "device": str(device), "engine": engine,
-        "prompt_tokens": int(input_ids.shape[1]), "new_tokens": res.new_tokens,
-        "token_ids": new_ids, "text": decode(new_ids) if decode else None,
+    return {
+        "model": prep.spec.name, "config": str(prep.config_path), "device": str(prep.device),
+        "engine": engine_kind(prep.config, prep.device), "prompt_tokens": int(input_ids.shape[1]),
+        "new_tokens": res.new_tokens, "token_ids": new_ids, "text": decode(new_ids) if decode else None,
         "decode_tokens_per_s": res.decode_tokens_per_s, "prefill_ms": res.prefill_s * 1000,
         "hit_rate": t["hit_rate"], "misses": t["misses"],
         "misses_per_token": t["misses"] / res.new_tokens if res.new_tokens else 0.0,
@@ -159,13 +149,3 @@ def cli_run(args: argparse.Namespace) -> int:
         "bytes_moved": t["bytes_moved"], "prefetch_issued": t["prefetch_issued"],
         "prefetch_used": t["prefetch_used"], "activated_per_token": t["activated_per_token"],
     }
-    if args.json:
-        print(json.dumps(out))
-    else:
-        shown = out["text"] if out["text"] is not None else " ".join(map(str, new_ids))
-        print(shown)
-        print(f"\n{res.new_tokens} tokens on {device} ({engine} engine): {out['decode_tokens_per_s']:.2f} "
-              f"tokens/s decode, prefill {out['prefill_ms']:.1f} ms, hit rate {out['hit_rate']:.1%}, "
-              f"{out['misses']} misses ({out['misses_per_token']:.1f} per token), "
-              f"stall {out['stall_ms_per_token']:.2f} ms/token", file=sys.stderr)
-    return 0

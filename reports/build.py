@@ -11,7 +11,6 @@ quality table, an unreachable study storage, a missing profile) becomes a plain 
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import html
 import json
@@ -438,12 +437,3 @@ def check_report_target(path: str | os.PathLike, *, force: bool = False) -> None
         if REPORT_MARK not in head:
             raise OutputError(f"--out {str(target)!r} is a file ef-report did not write; pass a new path, "
                               "or --force to replace it")
-
-
-def cli_report(args: argparse.Namespace) -> int:
-    """`ef-report DIR [--out PATH]`: an existing --out is replaced only when it is a report."""
-    if args.out is not None:
-        check_report_target(args.out, force=getattr(args, "force", False))
-    path = build_report(args.dir, args.out)
-    print(path)
-    return 0

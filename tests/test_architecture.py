@@ -20,25 +20,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("efcli", "reports", "tuner", "expertflow")  # top to bottom
 LAYER = {"efcli": 3, "reports": 2, "tuner": 1, "expertflow": 0}
-# The command-line modules that still live inside a library package (issue 12, step 4 moves
-# them to efcli/): they are the commands' layer.
-COMMAND_MODULES = {"tuner.cli", "expertflow.cli", "expertflow._cli", "reports.cli"}
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 
 # Upward imports still there, each with its reason.
-UPWARD_EXCEPTIONS = {
-    ("tuner.pipeline", "reports.build"): "tune() still builds the report itself; the ef-tune handler "
-                                         "should (issue 12, compose at the top)",
-}
+UPWARD_EXCEPTIONS: dict[tuple[str, str], str] = {}
 # Modules over MAX_MODULE_LINES, each with its reason.
 MODULE_EXCEPTIONS = {
     "expertflow/runtime/offload.py": "the runtime's split belongs to the engine issues",
     "expertflow/core/scheduler.py": "the decision core belongs to the engine issues",
     "expertflow/registry.py": "the model registry's table of aliases (data, not logic)",
     "tuner/profiler/timing.py": "the profiler's measurements; not split yet",
-    "tuner/pipeline.py": "tune() and its export: waits for the compose-at-the-top step (issue 11 "
-                         "edits it in parallel)",
     "reports/data.py": "the report's data functions; not split yet",
     "reports/build.py": "the report page's sections; not split yet",
     "expertflow/engine/engine.py": "GraphEngine: attach (with its undo and allocator cap), the model "
@@ -50,7 +42,6 @@ MODULE_EXCEPTIONS = {
 FUNCTION_EXCEPTIONS = {
     "tuner/simulator.py:simulate": "the simulator's timeline belongs to the engine issues",
     "tuner/profiler/__init__.py:run_profile": "the profile's stages in order; not split yet",
-    "tuner/pipeline.py:_export": "the export's stages; split with tune()",
     "tuner/profiler/timing.py:measure_timing": "the timing stages in order; not split yet",
     "tuner/search_space/parsing.py:_parse_param": "one branch per parameter type; not split yet",
 }
@@ -97,7 +88,7 @@ def _graph() -> dict[str, set[str]]:
 
 
 def _layer(module: str) -> int:
-    return LAYER["efcli"] if module in COMMAND_MODULES else LAYER[module.split(".")[0]]
+    return LAYER[module.split(".")[0]]
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -154,8 +145,8 @@ def test_no_upward_import():
 
 def test_expertflow_imports_neither_tuner_nor_reports():
     graph = _graph()
-    bad = sorted((m, t) for m, ts in graph.items() if m.startswith("expertflow.") and m not in COMMAND_MODULES
-                 for t in ts if t.split(".")[0] in ("tuner", "reports"))
+    bad = sorted((m, t) for m, ts in graph.items() if m.split(".")[0] == "expertflow"
+                 for t in ts if t.split(".")[0] in ("tuner", "reports", "efcli"))
     assert bad == []
 
 

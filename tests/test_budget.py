@@ -183,7 +183,7 @@ def test_max_context_above_the_models_is_a_usage_error(pydocs):
 
 def test_ef_tune_refuses_a_max_context_above_the_models_before_any_work(pydocs, tmp_path, capsys):
     from expertflow.errors import EXIT_USAGE
-    from tuner.cli import tune_main
+    from efcli.tune import main as tune_main
 
     out = tmp_path / "out"
     rc = tune_main(["--model", str(pydocs), "--budget", "1GB", "--max-context", "4096", "--out", str(out)])

@@ -12,10 +12,10 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 ENTRY_POINTS = {
-    "ef-tune": "tuner.cli:tune_main",
-    "ef-profile": "tuner.cli:profile_main",
-    "ef-run": "expertflow.cli:run_main",
-    "ef-report": "reports.cli:report_main",
+    "ef-tune": "efcli.tune:main",
+    "ef-profile": "efcli.profile:main",
+    "ef-run": "efcli.run:main",
+    "ef-report": "efcli.report:main",
 }
 HEAVY = ("torch", "optuna", "plotly")
 
@@ -54,13 +54,13 @@ def test_entry_points_match_pyproject():
 
 
 def test_usage_error_exits_2():
-    from tuner.cli import tune_main
+    from efcli.tune import main as tune_main
 
     assert tune_main(["--budget", "24GB"]) == 2  # --model is required
 
 
 def test_exit_code_table_in_help_matches_errors_module():
-    from expertflow._cli import exit_codes_epilog
+    from efcli.common import exit_codes_epilog
     from expertflow.errors import EXIT_CODES
 
     text = exit_codes_epilog()

@@ -31,9 +31,10 @@ def test_readme_quickstart_runs_ef_tune():
 
 
 def _parsers():
-    from expertflow.cli import build_run_parser
-    from reports.cli import build_report_parser
-    from tuner.cli import build_profile_parser, build_tune_parser
+    from efcli.run import build_run_parser
+    from efcli.report import build_report_parser
+    from efcli.profile import build_profile_parser
+    from efcli.tune import build_tune_parser
 
     return {"ef-tune": build_tune_parser(), "ef-profile": build_profile_parser(),
             "ef-run": build_run_parser(), "ef-report": build_report_parser()}

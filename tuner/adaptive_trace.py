@@ -62,7 +62,7 @@ def count_error(spec, prof, ctx, finalists: list[dict], *, token_lists: list[lis
         notes.append("adaptive-k trace check skipped: the prompts do not reproduce the profile's sequences "
                      "(profile made with other prompts or --max-tokens)")
         return None
-    cfgs = [(t, trial_config(ctx.base_config, t["params"])) for t in finalists]
+    cfgs = [(t, trial_config(ctx.base_config, t.params)) for t in finalists]
     todo = sorted({_settings(c) for _, c in cfgs if c.adaptive_k.threshold < 1.0})
     if not todo:
         return None
@@ -76,7 +76,7 @@ def count_error(spec, prof, ctx, finalists: list[dict], *, token_lists: list[lis
             exact = _counts(ctx, trace, cfg, max_decode_tokens)
             real = _counts(ctx, again, cfg, max_decode_tokens)
             err = max(_rel(exact["hits"], real["hits"]), _rel(exact["misses"], real["misses"]))
-            rows.append({"trial": t["number"], "threshold": thr, "min_k": mk, "renormalize": renorm,
+            rows.append({"trial": t.number, "threshold": thr, "min_k": mk, "renormalize": renorm,
                          "exact_trace": exact, "rerecorded_trace": real, "count_error": round(err, 6)})
     worst = max(r["count_error"] for r in rows)
     notes.append(f"adaptive-k trace check: replaying the exact top-k trace shifts the finalists' hit/miss "

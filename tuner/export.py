@@ -17,6 +17,7 @@ from expertflow.config import now_iso, save_config, tool_version
 from expertflow.errors import BudgetError, ConfigError
 
 from .objective import StudyContext, evaluate, trial_config
+from .records import TrialRecord
 from .trials import feasible
 
 log = logging.getLogger(__name__)
@@ -24,25 +25,25 @@ log = logging.getLogger(__name__)
 RULE = "fastest feasible trial within the quality cap"
 
 
-def within_cap(trial: dict[str, Any], cap: float | None) -> bool:
-    return cap is None or trial["metrics"].get("quality_loss", trial["values"][1]) <= cap + 1e-12
+def within_cap(trial: TrialRecord, cap: float | None) -> bool:
+    return cap is None or _quality(trial) <= cap + 1e-12
 
 
-def _speed(t: dict[str, Any]) -> float:
-    return float(t["metrics"].get("decode_tokens_per_s", t["values"][0]))
+def _speed(t: TrialRecord) -> float:
+    return float(t.metrics.get("decode_tokens_per_s", t.values[0]))
 
 
-def _quality(t: dict[str, Any]) -> float:
-    return float(t["metrics"].get("quality_loss", t["values"][1]))
+def _quality(t: TrialRecord) -> float:
+    return float(t.metrics.get("quality_loss", t.values[1]))
 
 
-def ranked(trials: list[dict[str, Any]], cap: float | None) -> list[dict[str, Any]]:
+def ranked(trials: list[TrialRecord], cap: float | None) -> list[TrialRecord]:
     """Feasible trials within the cap, best first by the rule."""
-    ok = [t for t in trials if t["feasible"] and within_cap(t, cap)]
-    return sorted(ok, key=lambda t: (-_speed(t), _quality(t), t["number"]))
+    ok = [t for t in trials if t.feasible and within_cap(t, cap)]
+    return sorted(ok, key=lambda t: (-_speed(t), _quality(t), t.number))
 
 
-def choose(trials: list[dict[str, Any]], cap: float | None, *, study_name: str = "the study") -> dict[str, Any]:
+def choose(trials: list[TrialRecord], cap: float | None, *, study_name: str = "the study") -> TrialRecord:
     """The trial the rule picks; raises a one-line error saying what to relax when none fits."""
     best = ranked(trials, cap)
     if best:
@@ -51,33 +52,32 @@ def choose(trials: list[dict[str, Any]], cap: float | None, *, study_name: str =
     if n == 0:
         raise ConfigError(f"{study_name} has no completed trial (all failed or none ran); re-run "
                           "with --debug to see why trials fail, or add trials with --resume --trials N")
-    over_mem = [t for t in trials if not t["feasible"] and t["constraints"].get("memory_over_budget", 0) > 0]
+    over_mem = [t for t in trials if not t.feasible and t.constraints.get("memory_over_budget", 0) > 0]
     if len(over_mem) == n:
         raise BudgetError(f"no trial of {study_name} fits the memory budget ({n} completed, all over "
                           "budget); raise --budget or lower cache.capacity_experts' high bound in the "
                           "search space")
-    q = min(_quality(t) for t in trials if t["feasible"]) if any(t["feasible"] for t in trials) else None
+    q = min(_quality(t) for t in trials if t.feasible) if any(t.feasible for t in trials) else None
     seen = f"; the lowest quality loss of a feasible trial was {q:.4g}" if q is not None else ""
     raise ConfigError(f"no trial of {study_name} is within the quality cap {cap} ({n} completed, "
                       f"{len(over_mem)} over the memory budget{seen}); raise --max-quality-loss, or "
                       "include adaptive_k.threshold 1.0 (exact top-k) in the search space")
 
 
-def rescore(ctx: StudyContext, trials: list[dict[str, Any]], *, max_decode_tokens: int | None
-            ) -> list[dict[str, Any]]:
+def rescore(ctx: StudyContext, trials: list[TrialRecord], *, max_decode_tokens: int | None) -> list[TrialRecord]:
     """Copies of `trials` with metrics/constraints re-simulated on a longer trace slice."""
     out = []
     for t in trials:
-        metrics, cons = evaluate(ctx, t["params"], max_decode_tokens=max_decode_tokens)
-        out.append({**t, "metrics": metrics, "constraints": cons, "feasible": feasible(cons),
-                    "values": [metrics["decode_tokens_per_s"], metrics["quality_loss"]],
-                    "study_metrics": t["metrics"]})
+        metrics, cons = evaluate(ctx, t.params, max_decode_tokens=max_decode_tokens)
+        out.append(t.model_copy(update={"metrics": metrics, "constraints": cons, "feasible": feasible(cons),
+                                        "values": [metrics["decode_tokens_per_s"], metrics["quality_loss"]],
+                                        "study_metrics": t.metrics}))
     return out
 
 
-def final_choice(ctx: StudyContext, trials: list[dict[str, Any]], cap: float | None, *,
+def final_choice(ctx: StudyContext, trials: list[TrialRecord], cap: float | None, *,
                  finalists: int = 4, max_decode_tokens: int | None = None,
-                 study_name: str = "the study") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                 study_name: str = "the study") -> tuple[TrialRecord, list[TrialRecord]]:
     """(chosen, rescored finalists): the best `finalists` trials by the rule on the study's
     slice, re-simulated on `max_decode_tokens`, then the rule again."""
     first = ranked(trials, cap)

@@ -56,6 +56,21 @@ def dropped_mass_table(trace, thresholds=THRESHOLDS, *, min_k: int = 1) -> list[
 
 
 # ---- prompts --------------------------------------------------------------------------------
+@dataclass
+class QualitySide:
+    """The quality side of adaptive-k for one tuning run (tuner.stages.quality_side): measured
+    perplexity increase with real weights, else the trace's dropped gate mass."""
+
+    metric: str  # "perplexity_increase" | "dropped_mass"
+    cap: float | None
+    table: list[dict[str, float]] | None  # per threshold, for tuning.json and the report
+    tables: dict | None = None  # (renormalize, min_k) -> {threshold: loss}, for the study (measured)
+    prompt_ids: list[list[int]] | None = None  # the prompts measured on (real weights)
+    device: str | None = None  # where it was measured
+    dtype: str | None = None
+    prompts: str | None = None  # the prompt file given (None: the checkpoint's own or embedded)
+
+
 def default_prompt_file(spec) -> Path | None:
     """The checkpoint's own prompts.jsonl when it ships one (pydocs-moe does), else None (the
     profiler's embedded prompt set): the same choice the profiler makes for the trace."""

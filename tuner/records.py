@@ -47,6 +47,7 @@ class TrialRecord(Record):
     constraints: dict[str, float]  # tuner.trials.trial_constraints (<= 0 is feasible)
     feasible: bool
     baseline: str | None = None  # the name of an enqueued baseline (default config, plain LRU)
+    study_metrics: Metrics | None = None  # after a re-simulation on a longer slice: the study's own
 
 
 # ---- tuning.json ------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .records import Sensitivity, SensitivityRow, SensitivitySetting, TrialRecord
+
 log = logging.getLogger(__name__)
 
 #: (label, new locality from the preset's l)
@@ -91,35 +93,36 @@ def band_speeds(ctx, params: dict[str, Any], band: list[dict], *, max_decode_tok
     return out
 
 
-def robust_choice(ctx, chosen: dict, finalists: list[dict], band: list[dict], cap, *,
-                  max_decode_tokens) -> tuple[dict, dict[str, Any]]:
+def robust_choice(ctx, chosen: TrialRecord, finalists: list[TrialRecord], band: list[dict], cap, *,
+                  max_decode_tokens) -> tuple[TrialRecord, Sensitivity]:
     """(the finalist the band rule picks, the record tuning.json keeps as `sensitivity`)."""
     from .export import ranked
 
     pool = ranked(finalists, cap) or [chosen]
     rows = []
     for t in pool:
-        speeds = band_speeds(ctx, t["params"], band, max_decode_tokens=max_decode_tokens)
+        speeds = band_speeds(ctx, t.params, band, max_decode_tokens=max_decode_tokens)
         speeds = [round(v, 4) for v in speeds]
-        rows.append({"trial": t["number"], "speeds": speeds, "worst": min(speeds)})
-    best = max(rows, key=lambda r: (r["worst"], r["speeds"][0], -r["trial"]))
-    pick = next(t for t in pool if t["number"] == best["trial"])
-    record = {"settings": [{k: b[k] for k in ("label", "locality", "lru_hit_25")} for b in band],
-              "finalists": rows, "chosen": best["trial"], "speed_rule_choice": chosen["number"],
-              "changed": best["trial"] != chosen["number"], "rule": RULE}
+        rows.append(SensitivityRow(trial=t.number, speeds=speeds, worst=min(speeds)))
+    best = max(rows, key=lambda r: (r.worst, r.speeds[0], -r.trial))
+    pick = next(t for t in pool if t.number == best.trial)
+    record = Sensitivity(settings=[SensitivitySetting(**{k: b[k] for k in ("label", "locality", "lru_hit_25")})
+                                   for b in band],
+                         finalists=rows, chosen=best.trial, speed_rule_choice=chosen.number,
+                         changed=best.trial != chosen.number, rule=RULE)
     return pick, record
 
 
-def describe(record: dict[str, Any] | None) -> str | None:
+def describe(record: Sensitivity | None) -> str | None:
     """One line for ef-tune's output: the chosen config's speed across the band."""
     if not record:
         return None
-    row = next(r for r in record["finalists"] if r["trial"] == record["chosen"])
-    parts = [f"{s:.2f} {'at the preset' if b['label'] == 'preset' else b['label']} ({b['lru_hit_25']:.2f})"
-             for s, b in zip(row["speeds"], record["settings"])]
+    row = next(r for r in record.finalists if r.trial == record.chosen)
+    parts = [f"{s:.2f} {'at the preset' if b.label == 'preset' else b.label} ({b.lru_hit_25:.2f})"
+             for s, b in zip(row.speeds, record.settings)]
     head = (f"sensitivity band (synthetic routing; LRU hit at 25% capacity in brackets): trial "
-            f"{record['chosen']} predicted tokens/s " + ", ".join(parts) + f"; worst {row['worst']:.2f}")
-    if record["changed"]:
-        head += (f". Chosen over trial {record['speed_rule_choice']} (faster at the preset) because its "
+            f"{record.chosen} predicted tokens/s " + ", ".join(parts) + f"; worst {row.worst:.2f}")
+    if record.changed:
+        head += (f". Chosen over trial {record.speed_rule_choice} (faster at the preset) because its "
                  "worst case in the band is higher")
     return head

@@ -150,6 +150,13 @@ def make_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
         raise storage_error(parsed.text, exc) from None
 
 
+def study_summaries(url: str) -> list:
+    """Optuna's summaries of the studies in the storage at `url` (StorageError if unusable)."""
+    import optuna  # optional at import time (see the module docstring)
+
+    return optuna.get_all_study_summaries(make_storage(url), include_best_trial=False)
+
+
 def _open_rdb(url: str, kwargs: dict[str, Any]):
     import optuna  # optional at import time (see the module docstring)
 

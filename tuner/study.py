@@ -48,16 +48,11 @@ from expertflow.errors import ConfigError, StorageError
 from . import optuna_private as op
 from .coordination import DEFAULT_HEARTBEAT_S, TARGET_ATTR, WORKERS_ATTR, ExportClaim, WorkResult, work
 from .locks import study_lock
-from .objective import Objective, StudyContext, evaluate  # noqa: F401 - evaluate: bench/ imports it from here
+from .objective import Objective, StudyContext
 from .progress import Reporter
 from .search_space import SearchSpace
 from .storage import MAX_RETRY, StorageURL, make_storage
-from .trials import (  # noqa: F401 - completed_trials: bench/tuner_efficiency.py imports it from here
-    DIRECTIONS,
-    best_feasible_speed,
-    completed_trials,
-    tally,
-)
+from .trials import DIRECTIONS, best_feasible_speed, tally
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
+
+from .records import TrialRecord
 
 OBJECTIVES = ("decode_tokens_per_s", "quality_loss")
 DIRECTIONS = ("maximize", "minimize")
@@ -67,15 +67,14 @@ def complete_trials(study) -> list:
     return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.values]
 
 
-def completed_trials(study) -> list[dict[str, Any]]:
-    """Completed trials as plain dicts: number, params, values, metrics, constraints, feasible."""
+def completed_trials(study) -> list[TrialRecord]:
+    """The study's completed trials as TrialRecords."""
     out = []
     for t in complete_trials(study):
-        cons = dict(t.constraints)
         params = {k: round(v, 10) if isinstance(v, float) else v for k, v in t.params.items()}
-        out.append({"number": t.number, "params": params, "values": [float(v) for v in t.values],
-                    "metrics": dict(t.user_attrs.get("metrics") or {}), "constraints": cons,
-                    "feasible": trial_feasible(t), "baseline": t.user_attrs.get("baseline")})
+        out.append(TrialRecord(number=t.number, params=params, values=[float(v) for v in t.values],
+                               metrics=dict(t.user_attrs.get("metrics") or {}), constraints=dict(t.constraints),
+                               feasible=trial_feasible(t), baseline=t.user_attrs.get("baseline")))
     return out
 
 
@@ -96,13 +95,13 @@ def pareto_mask(values: Sequence[Sequence[float]], directions: Sequence[str]) ->
     return out
 
 
-def pareto_front(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def pareto_front(trials: Iterable[TrialRecord]) -> list[TrialRecord]:
     """The feasible trials on the Pareto front of the study's objectives, fastest first."""
-    feas = [t for t in trials if t["feasible"]]
+    feas = [t for t in trials if t.feasible]
     if not feas:
         return []
-    mask = pareto_mask([t["values"][:len(DIRECTIONS)] for t in feas], DIRECTIONS)
-    return sorted((t for t, m in zip(feas, mask) if m), key=lambda t: -t["values"][0])
+    mask = pareto_mask([t.values[:len(DIRECTIONS)] for t in feas], DIRECTIONS)
+    return sorted((t for t, m in zip(feas, mask) if m), key=lambda t: -t.values[0])
 
 
 # ---- the count --------------------------------------------------------------------------------

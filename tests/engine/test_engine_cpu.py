@@ -96,7 +96,7 @@ def test_ef_run_uses_the_engine_the_config_names(tmp_path, capsys):
     runtime generate the same tokens, and ef-run reports the engine, hit rate and misses."""
     import json
 
-    from expertflow.cli import run_main
+    from efcli.run import main as run_main
     from expertflow.config import save_config
 
     from ._exact import configs

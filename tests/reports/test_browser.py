@@ -96,7 +96,7 @@ def test_axis_misfits_catches_a_range_far_outside_the_data():
 def _tiny_report(tmp_path: Path, request, run: list[str] = TINY_RUN) -> tuple[Path, str]:
     """A report generated from a real `ef-tune` run (a tiny model: CPU, a few seconds)."""
     out = tmp_path / "tiny-run"
-    cmd = [sys.executable, "-c", "import sys; from tuner.cli import tune_main; "
+    cmd = [sys.executable, "-c", "import sys; from efcli.tune import main as tune_main; "
            "sys.exit(tune_main(sys.argv[1:]))", *run, "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"ef-tune {' '.join(run)} failed:\n{done.stderr[-3000:]}"

@@ -12,7 +12,7 @@ import pytest
 from expertflow.errors import EXIT_DATA, DataError
 from reports import data, figures
 from reports.build import build_report, load_output
-from reports.cli import report_main
+from efcli.report import main as report_main
 
 FIGURE_IDS = ["activation_heatmap", "frequency_distribution", "transfer", "kernel", "predictor",
               "history", "importances", "pareto", "parallel_coordinates", "memory", "validation"]

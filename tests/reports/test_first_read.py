@@ -22,7 +22,7 @@ params:
 
 
 def _tune(argv) -> None:
-    from tuner.cli import tune_main
+    from efcli.tune import main as tune_main
 
     assert tune_main([str(a) for a in argv]) == 0
 

@@ -4,7 +4,6 @@ trace re-recorded under that config's adaptive-k (tuner/adaptive_trace.py)."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 MODEL = "tiny-qwen2-moe"
 
@@ -25,9 +24,12 @@ def _ctx(prof):
 
 
 def _finalists():
-    return [{"number": 1, "params": {"adaptive_k.threshold": 0.7}},
-            {"number": 2, "params": {"adaptive_k.threshold": 1.0}},
-            {"number": 3, "params": {"adaptive_k.threshold": 0.7, "cache.policy": "lfu"}}]
+    from tuner.records import TrialRecord
+
+    def t(n, params):
+        return TrialRecord(number=n, params=params, values=[1.0, 0.0], metrics={}, constraints={}, feasible=True)
+    return [t(1, {"adaptive_k.threshold": 0.7}), t(2, {"adaptive_k.threshold": 1.0}),
+            t(3, {"adaptive_k.threshold": 0.7, "cache.policy": "lfu"})]
 
 
 def test_count_error_is_zero_for_the_same_trace_and_positive_for_another():

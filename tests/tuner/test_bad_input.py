@@ -1,5 +1,5 @@
 """Bad input never loses work and never ends in a traceback: each case runs the real console
-entry point in-process (`tuner.cli.tune_main`, `tuner.cli.profile_main`, `expertflow.cli.run_main`)
+entry point in-process (`efcli.tune.main`, `efcli.profile.main`, `efcli.run.main`)
 and checks the exit code documented in expertflow/errors.py and the README, and the one-line
 message: what was wrong, the value seen, what to do. Then a property test: no mangled config or
 search-space file raises anything but ConfigError, and ef-tune leaves no output behind for one.
@@ -60,7 +60,7 @@ def _one_line(err: str, prog: str, *words: str) -> str:
 
 
 def _tune(tmp_path, *extra, prof=None, model=MODEL, budget="2GB"):
-    from tuner.cli import tune_main
+    from efcli.tune import main as tune_main
 
     args = ["--model", model, "--budget", budget, "--out", tmp_path / "out", "--trials", "2", "--no-report",
             "--no-validate"]
@@ -93,7 +93,7 @@ def test_checkpoint_that_is_not_a_moe_model(tmp_path, capsys):
 
 
 def test_config_made_for_another_model(config_file, capsys):
-    from expertflow.cli import run_main
+    from efcli.run import main as run_main
 
     rc, err = _call(run_main, ["--config", config_file, "--model", "tiny-mixtral", "--device", "cpu"], capsys)
     assert rc == EXIT_MODEL
@@ -117,7 +117,7 @@ def test_budget_malformed(tmp_path, capsys):
 
 # ---- config and search-space files ----------------------------------------------------------------
 def test_config_malformed(tmp_path, capsys):
-    from expertflow.cli import run_main
+    from efcli.run import main as run_main
 
     bad = tmp_path / "config.yaml"
     bad.write_text("version: 1\ncache: {policy: lru\n")
@@ -127,7 +127,7 @@ def test_config_malformed(tmp_path, capsys):
 
 
 def test_config_unknown_key(config_file, tmp_path, capsys):
-    from expertflow.cli import run_main
+    from efcli.run import main as run_main
 
     bad = tmp_path / "config.yaml"
     bad.write_text(config_file.read_text().replace("cache:\n", "cache:\n  evict_on_tuesdays: true\n", 1))
@@ -183,7 +183,7 @@ def test_truncated_profile_table(tmp_path, prof_dir, capsys):
 
 
 def test_empty_prompt_file(tmp_path, prof_dir, capsys):
-    from tuner.cli import profile_main
+    from efcli.profile import main as profile_main
 
     empty = tmp_path / "prompts.txt"
     empty.write_text("\n\n  \n")
@@ -204,8 +204,8 @@ def test_device_cuda_without_a_gpu(tmp_path, prof_dir, config_file, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present: --device cuda is valid here")
-    from expertflow.cli import run_main
-    from tuner.cli import profile_main
+    from efcli.run import main as run_main
+    from efcli.profile import main as profile_main
 
     rc, err = _call(*_tune(tmp_path, "--device", "cuda", prof=prof_dir), capsys)
     assert rc == EXIT_DEVICE
@@ -249,7 +249,8 @@ def test_nan_trial_is_failed_and_the_study_goes_on(tmp_path):
     from tuner.search_space import parse_space
     from tuner.simulator import Costs, simulate
     from tuner.storage import sqlite_url
-    from tuner.study import StudyContext, run_study
+    from tuner.objective import StudyContext
+    from tuner.study import run_study
 
     spec = resolve_model(MODEL)
     plan = plan_memory(spec, "2GB")

@@ -1,7 +1,7 @@
 """Several ef-tune workers, one study: exact trial counts, baselines once, one export, a late
 joiner, a SIGKILLed worker whose trial is retried, Ctrl-C and --resume, --export-only.
 
-Workers are real `ef-tune` processes (`tuner.cli.tune_main` in a fresh interpreter) on
+Workers are real `ef-tune` processes (`efcli.tune.main` in a fresh interpreter) on
 tiny-qwen2-moe with a hand-made profile, so each trial is a few milliseconds of simulation. Tests
 marked `postgres` start their own PostgreSQL server on 127.0.0.1 (tests/tuner/_postgres.py) and
 skip, with the reason, where its binaries are missing. The test-only environment variable
@@ -26,7 +26,7 @@ from tuner.coordination import TEST_ASLEEP_ATTR
 
 MODEL = "tiny-qwen2-moe"
 WORKER = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-          "from tuner.cli import tune_main; sys.exit(tune_main())")
+          "from efcli.tune import main as tune_main; sys.exit(tune_main())")
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(tiny, tmp_path, capsys, jobs)
     child process gets it too): each worker finishes and records its running trial, then stops
     with exit 130; no trial is left RUNNING, no output is written, none half-written; --resume
     completes the study without enqueueing the baselines again."""
-    from tuner.cli import tune_main
+    from efcli.tune import main as tune_main
 
     out = tmp_path / "out"
     url = f"sqlite:///{out / 'study.sqlite3'}"
@@ -246,7 +246,7 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(tiny, tmp_path, capsys, jobs)
 
 # ---- export ---------------------------------------------------------------------------------------
 def test_export_only_writes_the_shared_results_and_a_rerun_does_not_export_twice(tiny, tmp_path, capsys):
-    from tuner.cli import tune_main
+    from efcli.tune import main as tune_main
 
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     common = ["--storage", url, "--study", "s", "--trials", "4"]
@@ -267,7 +267,7 @@ def test_export_only_writes_the_shared_results_and_a_rerun_does_not_export_twice
 
 def test_export_only_of_a_missing_study_is_a_storage_error(tiny, tmp_path, capsys):
     from expertflow.errors import EXIT_STORAGE
-    from tuner.cli import tune_main
+    from efcli.tune import main as tune_main
 
     url = f"sqlite:///{tmp_path / 'none.db'}"
     rc = tune_main(_args(tiny, tmp_path / "o", "--storage", url, "--study", "nope", "--export-only"))

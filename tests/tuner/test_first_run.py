@@ -37,13 +37,13 @@ def prof_dir(tmp_path_factory):
 
 
 def _profile(out, *extra):
-    from tuner.cli import profile_main
+    from efcli.profile import main as profile_main
 
     return profile_main(["--model", MODEL, "--out", str(out), "--device", "cpu", "--quick", *map(str, extra)])
 
 
 def _tune(out, *extra, budget="2GB"):
-    from tuner.cli import tune_main
+    from efcli.tune import main as tune_main
 
     return tune_main(["--model", MODEL, "--budget", budget, "--out", str(out), "--trials", "2", "--no-report",
                       "--no-validate", *map(str, extra)])
@@ -158,7 +158,7 @@ def test_a_failure_after_the_checks_leaves_out_as_found(tmp_path, prof_dir, caps
 
 # ---- ordinary user errors: their own line and code ------------------------------------------------------
 def test_ef_run_unknown_device_is_a_usage_error(tmp_path, tiny_config, capsys):
-    from expertflow.cli import run_main
+    from efcli.run import main as run_main
     from expertflow.config import save_config
 
     cfg = save_config(tiny_config(MODEL), tmp_path / "config.yaml")
@@ -182,8 +182,8 @@ def test_budget_larger_than_the_gpu_warns_with_the_number(tmp_path, prof_dir, ca
 def test_the_printed_run_command_runs_on_the_tuning_machine(tmp_path, capsys):
     import torch
 
-    from expertflow.cli import run_main
-    from tuner.cli import tune_main
+    from efcli.run import main as run_main
+    from efcli.tune import main as tune_main
 
     out = tmp_path / "out"
     assert tune_main(["--model", MODEL, "--budget", "1GB", "--trials", "3", "--out", str(out), "--no-report"]) == 0
@@ -212,7 +212,7 @@ def _config_for(name, tmp_path, budget="24GB"):
 
 def test_ef_run_refuses_a_model_larger_than_host_memory(tmp_path, capsys):
     from expertflow.budget import format_bytes, host_memory_available_bytes
-    from expertflow.cli import run_main
+    from efcli.run import main as run_main
 
     cfg, spec = _config_for("qwen2-57b-a14b", tmp_path, "40GB")
     need = spec.param_counts()["total"] * 2  # bfloat16
@@ -227,7 +227,7 @@ def test_ef_run_refuses_before_building_with_the_numbers(tmp_path, tiny_config, 
     """A tiny model on a machine with 1 MB free (the probe replaced): refused before building;
     and a GPU run counts the experts it keeps in host memory as pinned."""
     import expertflow.budget as budget
-    from expertflow.cli import run_main
+    from efcli.run import main as run_main
     from expertflow.config import save_config
 
     cfg = save_config(tiny_config(MODEL), tmp_path / "config.yaml")
@@ -245,7 +245,7 @@ def test_ef_run_refuses_before_building_with_the_numbers(tmp_path, tiny_config, 
 
 
 def test_ef_run_shows_progress_while_the_model_builds(tmp_path, tiny_config, capsys):
-    from expertflow.cli import run_main
+    from efcli.run import main as run_main
     from expertflow.config import save_config
 
     cfg = save_config(tiny_config(MODEL), tmp_path / "config.yaml")
@@ -291,16 +291,17 @@ def test_default_config_refuses_a_dense_model_in_one_line():
 
 # ---- CLI habits ---------------------------------------------------------------------------------------
 def _parsers():
-    from expertflow.cli import build_run_parser
-    from reports.cli import build_report_parser
-    from tuner.cli import build_profile_parser, build_tune_parser
+    from efcli.run import build_run_parser
+    from efcli.report import build_report_parser
+    from efcli.profile import build_profile_parser
+    from efcli.tune import build_tune_parser
 
     return {"ef-tune": build_tune_parser(), "ef-profile": build_profile_parser(),
             "ef-run": build_run_parser(), "ef-report": build_report_parser()}
 
 
-MAINS = {"ef-tune": "tuner.cli:tune_main", "ef-profile": "tuner.cli:profile_main",
-         "ef-run": "expertflow.cli:run_main", "ef-report": "reports.cli:report_main"}
+MAINS = {"ef-tune": "efcli.tune:main", "ef-profile": "efcli.profile:main",
+         "ef-run": "efcli.run:main", "ef-report": "efcli.report:main"}
 
 
 @pytest.mark.parametrize("prog", sorted(MAINS))
@@ -331,7 +332,7 @@ def test_version_and_help(prog, capsys):
 
 
 def test_ef_report_replaces_only_a_report(tmp_path, prof_dir, capsys, left_as_found):
-    from reports.cli import report_main
+    from efcli.report import main as report_main
 
     out = tmp_path / "out"
     assert _tune(out, "--profile", prof_dir) == 0

@@ -30,7 +30,7 @@ def tiny(tmp_path_factory):
 
 
 def _tune(capsys, tiny, out, *extra):
-    from tuner.cli import tune_main
+    from efcli.tune import main as tune_main
 
     prof, budget = tiny
     given = ["--profile", str(prof)] if prof is not None else []
@@ -46,7 +46,7 @@ def run5(tiny, tmp_path_factory):
     import contextlib
     import io
 
-    from tuner.cli import tune_main
+    from efcli.tune import main as tune_main
 
     prof, budget = tiny
     out = tmp_path_factory.mktemp("tune") / "out"
@@ -106,7 +106,7 @@ def test_output_folder_follows_the_contract(run5):
 
 
 def test_exported_config_round_trips_through_ef_run(run5, capsys):
-    from expertflow.cli import run_main
+    from efcli.run import main as run_main
 
     out, _, _ = run5
     rc = run_main(["--config", str(out / "config.yaml"), "--json", "--device", "cpu", "--max-new-tokens", "4"])
@@ -137,7 +137,7 @@ def test_resume_continues_without_reenqueueing_and_a_rerun_without_it_is_refused
     (["--max-quality-loss", "-1"], EXIT_USAGE, "--max-quality-loss"),
 ])
 def test_user_errors_are_one_line_with_their_exit_code(tiny, tmp_path, capsys, extra, code, words):
-    from tuner.cli import tune_main
+    from efcli.tune import main as tune_main
 
     prof, budget = tiny
     args = ["--model", MODEL, "--budget", budget, "--profile", str(prof), "--out", str(tmp_path / "o"),
@@ -155,7 +155,7 @@ def test_bad_search_space_names_the_key(tiny, tmp_path, capsys):
 
 
 def test_profile_of_another_model_is_refused(tiny, tmp_path, capsys):
-    from tuner.cli import tune_main
+    from efcli.tune import main as tune_main
 
     prof, _ = tiny
     rc = tune_main(["--model", "tiny-mixtral", "--budget", "2GB", "--profile", str(prof),

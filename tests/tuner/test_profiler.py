@@ -16,7 +16,7 @@ import pytest
 from expertflow.errors import DataError, DeviceError
 from expertflow.registry import resolve_model
 from tuner import stats, synthetic
-from tuner.cli import profile_main
+from efcli.profile import main as profile_main
 from tuner.profile import OPTIONAL_TABLES, REQUIRED_COLUMNS, Profile
 from tuner.profiler import run_profile
 from tuner.profiler.activation import load_prompts, tokenize_prompts

@@ -98,6 +98,7 @@ def test_pydocs_tuning_with_a_quality_cap_stays_within_it_when_run_for_real(pydo
     from expertflow.runtime.loading import build_model
     from expertflow.runtime.offload import offload
     from tuner.pipeline import tune
+    from tuner.request import Inputs, QualityOptions, StudyOptions, Target, TuneRequest
 
     spec, prompts = pydocs_prompts
     cap = 0.02
@@ -112,12 +113,13 @@ def test_pydocs_tuning_with_a_quality_cap_stays_within_it_when_run_for_real(pydo
         "adaptive_k.threshold": {"type": "float", "low": 0.7, "high": 0.95, "step": 0.05},
         "cache.capacity_experts": {"type": "int", "low": "layers", "high": "budget"},
         "cache.policy": {"type": "categorical", "choices": ["lru", "lfu"]}}}))
-    res = tune(str(spec.checkpoint), budget, trials=10, out=tmp_path / "out", profile=prof_dir,
-               search_space=space, max_quality_loss=cap, quality_prompts=PYDOCS_PROMPTS,
-               validate=False, report=False, jobs=1, progress=False, seed=1)
+    res = tune(TuneRequest(Target(str(spec.checkpoint), budget),
+                           Inputs(out=tmp_path / "out", profile=prof_dir, search_space=space),
+                           StudyOptions(trials=10, jobs=1, seed=1),
+                           QualityOptions(max_loss=cap, prompts=PYDOCS_PROMPTS), validate=False, progress=False))
     t = res.tuning
-    assert t["quality"]["metric"] == "perplexity_increase" and t["quality"]["cap"] == cap
-    assert {r["threshold"] for r in t["quality"]["table"]} >= set(quality.THRESHOLDS)
+    assert t.quality.metric == "perplexity_increase" and t.quality.cap == cap
+    assert {r["threshold"] for r in t.quality.table} >= set(quality.THRESHOLDS)
     config = load_config(res.config_path)
     assert config.provenance.routing == "real"
     assert config.provenance.measured["quality_loss"] <= cap  # the tuner's own real measurement
@@ -138,10 +140,10 @@ def test_pydocs_tuning_with_a_quality_cap_stays_within_it_when_run_for_real(pydo
 
     run_cfg = config.with_values({"runtime.device": "cpu", "runtime.dtype": "float32"})
     change = ppl(run_cfg) / ppl() - 1.0
-    print(f"\nchosen trial {t['chosen']['trial']}: threshold {config.adaptive_k.threshold}, "
+    print(f"\nchosen trial {t.chosen.trial}: threshold {config.adaptive_k.threshold}, "
           f"min_k {config.adaptive_k.min_k}; perplexity change {change:+.4f} (cap {cap}); "
-          f"predicted {t['chosen']['predicted']['decode_tokens_per_s']:.2f} tokens/s")
+          f"predicted {t.chosen.predicted['decode_tokens_per_s']:.2f} tokens/s")
     assert config.adaptive_k.threshold < 1.0
     assert change <= cap
-    over = [r["threshold"] for r in t["quality"]["table"] if r["perplexity_change"] > cap]
+    over = [r["threshold"] for r in t.quality.table if r["perplexity_change"] > cap]
     assert over and config.adaptive_k.threshold > max(over)  # the cap really bound the choice

@@ -26,14 +26,15 @@ def test_profile_note_for_synthetic_routing_on_a_trained_checkpoint(pydocs):
 def test_ef_tune_note_for_a_synthetic_profile(pydocs, tmp_path, weights):
     import _tuner_fixtures as fx
 
-    from expertflow.registry import resolve_model
-    from tuner.pipeline import get_profile
+    from tuner import stages
+    from tuner.request import Inputs, Target, TuneRequest, check
 
     name = str(pydocs) if weights else "tiny-qwen2-moe"
     prof = fx.make_profile(name, routing="synthetic").save(tmp_path / "profile")
-    notes: list[str] = []
-    get_profile(resolve_model(name), tmp_path / "out", profile_dir=prof, resume=False, hardware=None,
-                device="cpu", notes=notes)
+    req = TuneRequest(Target(name, "1GB", device="cpu"), Inputs(out=tmp_path / "out", profile=prof))
+    run = stages.Run(req, check(req))
+    stages.profile(run)
+    notes = run.notes
     (note,) = [n for n in notes if n.startswith("SYNTHETIC")]
     assert ("no trained weights" in note) is not weights
     assert ("has trained weights" in note) is weights

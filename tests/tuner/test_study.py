@@ -11,6 +11,7 @@ from tuner import export
 from tuner.search_space import parse_space
 from tuner.storage import make_storage, sqlite_url
 from tuner.study import DEFAULT_BASELINE, LRU_BASELINE, StudyContext, baseline_values, run_study
+from tuner.records import TrialRecord
 from tuner.trials import MEMORY_CONSTRAINT, completed_trials, pareto_front
 
 SPACE = {"version": 1, "params": {
@@ -88,24 +89,24 @@ def test_constraint_marks_over_budget_trials_infeasible(setup):
     ctx = _ctx(setup, space)
     run = _run(ctx, setup, "memory", 14, seed=0)
     trials = completed_trials(run.study)
-    over = [t for t in trials if t["params"]["cache.capacity_experts"] > 20]
-    under = [t for t in trials if t["params"]["cache.capacity_experts"] <= 20]
+    over = [t for t in trials if t.params["cache.capacity_experts"] > 20]
+    under = [t for t in trials if t.params["cache.capacity_experts"] <= 20]
     assert over and under
-    assert all(not t["feasible"] and t["constraints"][MEMORY_CONSTRAINT] > 0 for t in over)
-    assert all(t["feasible"] and t["constraints"][MEMORY_CONSTRAINT] <= 0 for t in under)
+    assert all(not t.feasible and t.constraints[MEMORY_CONSTRAINT] > 0 for t in over)
+    assert all(t.feasible and t.constraints[MEMORY_CONSTRAINT] <= 0 for t in under)
     # the stretched budget only serves the simulation: the over-budget trials are faster, yet
     # the choice is feasible
     chosen = export.choose(trials, None)
-    assert chosen["params"]["cache.capacity_experts"] <= 20
-    assert max(t["values"][0] for t in over) >= chosen["values"][0]
+    assert chosen.params["cache.capacity_experts"] <= 20
+    assert max(t.values[0] for t in over) >= chosen.values[0]
 
 
 def test_quality_cap_is_a_constraint(setup):
     ctx = _ctx(setup, quality_cap=0.01)
     run = _run(ctx, setup, "memory", 10, seed=1)
     for t in completed_trials(run.study):
-        assert t["feasible"] == (t["metrics"]["quality_loss"] <= 0.01)
-        assert ("quality_over_cap" in t["constraints"])
+        assert t.feasible == (t.metrics["quality_loss"] <= 0.01)
+        assert ("quality_over_cap" in t.constraints)
 
 
 def test_nan_and_raising_trials_fail_without_stopping_the_study(setup):
@@ -158,18 +159,18 @@ def test_storage_errors_are_one_line(tmp_path):
 
 # ---- the choice ---------------------------------------------------------------------------------
 def _t(n, speed, loss, ok=True, mem=-0.1):
-    return {"number": n, "params": {"x": n}, "values": [speed, loss],
-            "metrics": {"decode_tokens_per_s": speed, "quality_loss": loss},
-            "constraints": {MEMORY_CONSTRAINT: mem}, "feasible": ok}
+    return TrialRecord(number=n, params={"x": n}, values=[speed, loss],
+                       metrics={"decode_tokens_per_s": speed, "quality_loss": loss},
+                       constraints={MEMORY_CONSTRAINT: mem}, feasible=ok)
 
 
 def test_chosen_is_the_fastest_feasible_within_the_cap():
     trials = [_t(0, 10.0, 0.0), _t(1, 30.0, 0.05), _t(2, 25.0, 0.01), _t(3, 40.0, 0.0, ok=False, mem=0.2),
               _t(4, 25.0, 0.005), _t(5, 24.0, 0.0)]
-    assert export.choose(trials, 0.02)["number"] == 4  # tie on speed: lower loss
-    assert export.choose(trials, None)["number"] == 1
-    assert export.choose(trials, 0.0)["number"] == 5
-    assert [t["number"] for t in pareto_front(trials)] == [1, 4, 5]
+    assert export.choose(trials, 0.02).number == 4  # tie on speed: lower loss
+    assert export.choose(trials, None).number == 1
+    assert export.choose(trials, 0.0).number == 5
+    assert [t.number for t in pareto_front(trials)] == [1, 4, 5]
 
 
 def test_no_feasible_trial_says_what_to_relax():

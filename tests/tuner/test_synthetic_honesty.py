@@ -17,7 +17,7 @@ def _tune(tmp_path, prof, *extra, trials: int = 6):
     import contextlib
     import io
 
-    from tuner.cli import tune_main
+    from efcli.tune import main as tune_main
 
     prof_dir = prof.save(tmp_path / "profile")
     out = tmp_path / "out"
@@ -98,6 +98,7 @@ def test_robust_choice_prefers_the_finalist_that_stays_fast(tiny_config):
 
     from tuner import stats
     from tuner.objective import StudyContext
+    from tuner.records import TrialRecord
     from tuner.sensitivity import band_traces, describe, robust_choice
     from tuner.simulator import SimResult
 
@@ -112,18 +113,18 @@ def test_robust_choice_prefers_the_finalist_that_stays_fast(tiny_config):
                          counters=None)
 
     ctx = StudyContext(prof.trace, None, tiny_config(MODEL), None, simulate_fn=sim)
-    a = {"number": 3, "params": {"cache.policy": "lru"}, "feasible": True, "values": [40.0, 0.0],
-         "metrics": {"decode_tokens_per_s": 40.0, "quality_loss": 0.0}}
-    b = {"number": 5, "params": {"cache.policy": "lfu"}, "feasible": True, "values": [38.0, 0.0],
-         "metrics": {"decode_tokens_per_s": 38.0, "quality_loss": 0.0}}
+    a = TrialRecord(number=3, params={"cache.policy": "lru"}, feasible=True, values=[40.0, 0.0], constraints={},
+                    metrics={"decode_tokens_per_s": 40.0, "quality_loss": 0.0})
+    b = TrialRecord(number=5, params={"cache.policy": "lfu"}, feasible=True, values=[38.0, 0.0], constraints={},
+                    metrics={"decode_tokens_per_s": 38.0, "quality_loss": 0.0})
     pick, rec = robust_choice(ctx, a, [a, b], band, 0.02, max_decode_tokens=16)
-    assert pick["number"] == 5 and rec["chosen"] == 5 and rec["changed"] and rec["speed_rule_choice"] == 3
-    rows = {r["trial"]: r for r in rec["finalists"]}
-    assert rows[3]["speeds"][0] == pytest.approx(40.0) and rows[3]["worst"] < rows[5]["worst"]
+    assert pick.number == 5 and rec.chosen == 5 and rec.changed and rec.speed_rule_choice == 3
+    rows = {r.trial: r for r in rec.finalists}
+    assert rows[3].speeds[0] == pytest.approx(40.0) and rows[3].worst < rows[5].worst
     assert "Chosen over trial 3" in describe(rec)
     # without the losses in the band, the preset's fastest stays chosen
     flat = dataclasses.replace(ctx, simulate_fn=lambda trace, costs, config, **kw: sim(prof.trace, costs, config))
-    assert robust_choice(flat, a, [a, b], band, 0.02, max_decode_tokens=16)[0]["number"] == 3
+    assert robust_choice(flat, a, [a, b], band, 0.02, max_decode_tokens=16)[0].number == 3
 
 
 def test_noisy_timing_is_said_in_the_output_tuning_json_and_report(tmp_path):

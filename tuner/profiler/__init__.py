@@ -12,7 +12,6 @@ profile (profiler.bundled) -> hardware facts (profiler.hardware) -> profile.yaml
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -186,41 +185,3 @@ def profile_summary(profile) -> dict:
             "timing": m["timing"]["kind"], "tokens": m["routing"]["tokens"],
             "timing_noisy": bool((m["timing"].get("noise") or {}).get("noisy")),
             "summary": m["summary"], "elapsed_s": m["timings_s"]["total"]}
-
-
-def cli_profile(args) -> int:
-    """Handler of `ef-profile` (tuner/cli.py builds the parser). --out is checked first, before
-    any work; a failed run leaves it as it was found."""
-    from expertflow.errors import ExpertFlowError
-    from expertflow.fsutil import claim_out_dir
-
-    from ..profile import is_profile_file
-
-    force = getattr(args, "force", False)
-    folder = claim_out_dir(args.out, is_profile_file, force=force, what="ef-profile")
-    try:
-        profile = run_profile(args.model, out=args.out, prompts=args.prompts, device=args.device,
-                              routing=args.routing, max_tokens=args.max_tokens, quick=args.quick,
-                              seed=args.seed, force=force)
-    except (ExpertFlowError, KeyboardInterrupt):
-        folder.restore()
-        raise
-    s = profile_summary(profile)
-    if args.json:
-        print(json.dumps(s))
-        return 0
-    h = s["summary"]
-    print(f"profile {s['profile_id']} written to {s['profile_dir']} ({s['elapsed_s']:.1f} s)")
-    print(f"routing: {s['routing']} - {s['routing_note']}")
-    print(f"timing: {s['timing']} on {s['gpu_name'] or s['device']}")
-    if s["timing_noisy"]:
-        noise = profile.meta["timing"]["noise"]
-        print(f"  WARNING: timing too noisy to rank configs ({'; '.join(noise['reasons'])}); re-profile "
-              "with nothing else running on this machine")
-    print(f"  host->device pinned {h['pinned_gbps']:.1f} GB/s (1 GiB copy {h.get('pinned_1gib_gbps', 0):.1f}), "
-          f"pageable {h['pageable_gbps']:.1f} GB/s; one expert {h['expert_copy_ms']:.3f} ms")
-    print(f"  expert kernel {h['expert_kernel_ms']:.3f} ms at 1 token; layer (non-expert) "
-          f"{h['layer_ms']:.3f} ms; decode per MoE layer {h.get('decode_layer_ms', float('nan')):.3f} ms")
-    print(f"  busiest 25% of experts carry {h['top25_traffic_share_mean']:.0%} of traffic; LRU hit at "
-          f"25% capacity {h['lru_hit_25_mean']:.0%}")
-    return 0

@@ -1,11 +1,11 @@
-"""`ef-report DIR`: (re)build report.html from an ef-tune output folder."""
+"""`ef-report DIR`: (re)build report.html from an ef-tune output folder; prints its path."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
 
-from expertflow._cli import examples_epilog, new_parser, run_handler
+from .common import examples_epilog, new_parser, run_handler
 
 
 def build_report_parser() -> argparse.ArgumentParser:
@@ -20,5 +20,15 @@ def build_report_parser() -> argparse.ArgumentParser:
     return p
 
 
-def report_main(argv: Sequence[str] | None = None) -> int:
-    return run_handler("ef-report", build_report_parser(), "reports.build:cli_report", argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_handler("ef-report", build_report_parser(), handle, argv)
+
+
+def handle(args: argparse.Namespace) -> int:
+    """An existing --out is replaced only when it is a report (or with --force)."""
+    from reports.build import build_report, check_report_target  # noqa: PLC0415 - plotly, only when it runs
+
+    if args.out is not None:
+        check_report_target(args.out, force=args.force)
+    print(build_report(args.dir, args.out))
+    return 0

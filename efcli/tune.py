@@ -1,59 +1,30 @@
-"""`ef-tune` and `ef-profile` command lines (argparse only; handlers import lazily)."""
+"""`ef-tune`: the tuner, then the report, then what the user reads.
+
+The parser is argparse only (`--help` imports neither torch nor optuna nor plotly); the handler
+turns the arguments into a `tuner.request.TuneRequest`, runs `tuner.pipeline.tune`, builds the
+report from the output folder (reports.build), and prints the choice and where things are.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
 from collections.abc import Sequence
 
-from expertflow._cli import (
-    bundled_hardware_names,
-    examples_epilog,
-    models_epilog,
-    nonnegative_float,
-    positive_float,
-    positive_int,
-    new_parser,
-    run_handler,
-)
+from expertflow.config import describe_hardware
+from tuner.coordination import DEFAULT_HEARTBEAT_S, DEFAULT_TRIALS
+from tuner.sensitivity import describe as sensitivity_line
 
-from .coordination import DEFAULT_HEARTBEAT_S, DEFAULT_TRIALS
+from .common import (bundled_hardware_names, examples_epilog, models_epilog, new_parser, nonnegative_float,
+                     positive_float, positive_int, run_handler, sigterm_as_interrupt)
 
 
 def _hardware_epilog() -> str:
     names = bundled_hardware_names()
     return ("bundled hardware profiles (--hardware): " + (", ".join(names) or "none") +
             "; timing measured on that GPU and shipped with ExpertFlow")
-
-
-def build_profile_parser() -> argparse.ArgumentParser:
-    p = new_parser("ef-profile", "Profile a MoE model and this machine: per-expert activation "
-                                 "frequency, host->device transfer latency, expert kernel time, "
-                                 "hardware. Writes a versioned profile directory.",
-                   extra_epilog=[examples_epilog([
-                       "ef-profile --model qwen2-moe --out prof/qwen2-moe",
-                       "ef-profile --model ./my-checkpoint --out prof/mine --prompts prompts.txt --quick"]),
-                       models_epilog()])
-    p.add_argument("--model", required=True, help="registry alias (e.g. qwen2-moe) or local "
-                                                  "Hugging Face checkpoint directory")
-    p.add_argument("--prompts", default=None, help="prompt file: text (one prompt per blank-line "
-                                                   "separated block) or JSONL with a 'prompt' field "
-                                                   "(default: the embedded prompt set)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                   help="where to measure (default: cuda if present, else cpu)")
-    p.add_argument("--out", required=True, help="output profile directory (new, empty, or a profile "
-                                                "written before, which is replaced)")
-    p.add_argument("--force", action="store_true",
-                   help="write into an --out folder that holds other files (they are kept)")
-    p.add_argument("--routing", default="auto", choices=["auto", "real", "synthetic"],
-                   help="real = run the model's router (needs weights); synthetic = calibrated "
-                        "generator (default: real when weights exist)")
-    p.add_argument("--max-tokens", type=positive_int, default=None,
-                   help="cap on routed tokens to record (default: all prompts)")
-    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (smoke tests)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random weights and synthetic routing "
-                                                        "(default 0)")
-    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    return p
 
 
 def build_tune_parser() -> argparse.ArgumentParser:
@@ -119,9 +90,84 @@ def build_tune_parser() -> argparse.ArgumentParser:
     return p
 
 
-def profile_main(argv: Sequence[str] | None = None) -> int:
-    return run_handler("ef-profile", build_profile_parser(), "tuner.profiler:cli_profile", argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_handler("ef-tune", build_tune_parser(), handle, argv)
 
 
-def tune_main(argv: Sequence[str] | None = None) -> int:
-    return run_handler("ef-tune", build_tune_parser(), "tuner.pipeline:cli_tune", argv)
+def request(args: argparse.Namespace):
+    """The TuneRequest the arguments ask for."""
+    # keeps --help fast: tuner.request reads profiles (pandas) and search spaces
+    from tuner.request import Inputs, QualityOptions, StudyOptions, Target, TuneRequest  # noqa: PLC0415
+
+    return TuneRequest(
+        target=Target(model=args.model, budget=args.budget, hardware=args.hardware, device=args.device,
+                      max_context=args.max_context, max_batch=args.max_batch),
+        inputs=Inputs(out=args.out, force=args.force, profile=args.profile, prompts=args.prompts,
+                      search_space=args.search_space),
+        study=StudyOptions(trials=args.trials, timeout=args.timeout, storage=args.storage, name=args.study,
+                           resume=args.resume, export_only=args.export_only, jobs=args.jobs,
+                           heartbeat_s=args.heartbeat, seed=args.seed),
+        quality=QualityOptions(max_loss=args.max_quality_loss),
+        validate=not args.no_validate)
+
+
+def handle(args: argparse.Namespace) -> int:
+    # the tuner imports optuna and pandas (and the profiler torch), the report plotly: only when it runs
+    from tuner.pipeline import tune  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    with sigterm_as_interrupt():
+        res = tune(request(args))
+    report_path = build_report(res) if res.exported and not args.no_report else None
+    say = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    for n in res.notes:
+        say(f"note: {n}")
+    if not res.exported:
+        rec = res.exported_by or {}
+        say(f"nothing written here: the study's results were exported by {rec.get('by')} to {rec.get('out')}")
+        if args.json:
+            print(json.dumps({"exported": False, "exported_by": rec, "config_path": rec.get("config"),
+                              "report_path": None, "tuning_path": None, "trials_run": res.trials_run}))
+        return 0
+    _print_choice(say, res, report_path, time.perf_counter() - t0)
+    if args.json:
+        t = res.tuning
+        print(json.dumps({"exported": True, "trials_run": res.trials_run, "config_path": str(res.config_path),
+                          "report_path": str(report_path) if report_path else None,
+                          "tuning_path": str(res.out_dir / "tuning.json"), "chosen_trial": t.chosen.trial,
+                          "predicted": t.chosen.predicted, "hardware_source": t.hardware.source,
+                          "routing": t.routing.kind, "timing_noisy": bool(t.timing_noise and t.timing_noise.noisy)}))
+    return 0
+
+
+def build_report(res):
+    """report.html from the output folder; a report that cannot be built is a note in the
+    output and in tuning.json (the config is written: rebuild it with ef-report)."""
+    from reports.build import build_report as build  # noqa: PLC0415 - plotly, only when it runs
+
+    t0 = time.perf_counter()
+    try:
+        path = build(res.out_dir).resolve()
+    except Exception as exc:  # noqa: BLE001 - the config is written; say so instead of failing
+        path = None
+        res.notes.append(f"report could not be built ({exc.__class__.__name__}: {exc}); rebuild it with "
+                         f"ef-report {res.out_dir}")
+    res.tuning.timings_s["report"] = time.perf_counter() - t0
+    res.tuning.notes = res.notes
+    res.tuning.save(res.out_dir)
+    return path
+
+
+def _print_choice(say, res, report_path, elapsed_s: float) -> None:
+    t, p = res.tuning, res.predicted
+    say(f"tuned {t.model.name} for a {t.budget.text} budget ({describe_hardware(t.hardware.model_dump())}, "
+        f"routing: {t.routing.kind}) in {elapsed_s:.1f} s")
+    say(f"chosen trial {t.chosen.trial}: predicted {p['decode_tokens_per_s']:.2f} tokens/s decode, "
+        f"hit rate {p['hit_rate']:.1%}, stall {p['stall_ms_per_token']:.2f} ms/token, "
+        f"quality loss {p['quality_loss']:.4f} ({t.quality.metric}, cap {t.quality.cap})")
+    band = sensitivity_line(t.sensitivity)
+    if band:
+        say(band)
+    say(f"config: {res.config_path}")
+    say(f"report: {report_path if report_path else '(not built)'}")
+    say(f"run it: {t.run_command}")

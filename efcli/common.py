@@ -1,22 +1,26 @@
-"""Shared plumbing of the console scripts: thin `main(argv) -> int` wrappers.
+"""What the four commands share: parsers, argument types, the run loop and exit codes.
 
-Each command's parser is built here with argparse only (so `--help` imports neither torch nor
-optuna nor plotly); its handler lives in the library and is imported only when it runs.
-ExpertFlowError subclasses become one `prog: error: ...` line and their exit code.
+Each command (efcli/tune.py, profile.py, run.py, report.py) builds its parser with argparse
+only, so `--help` imports neither torch nor optuna nor plotly, and hands `run_handler` a small
+handler that calls the library and prints. ExpertFlowError subclasses become one
+`prog: error: ...` line and their documented exit code.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
-import importlib
 import logging
 import re
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+import signal
+from collections.abc import Callable, Iterator, Sequence
 
-from .errors import EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ExpertFlowError
+from expertflow.config import tool_version
+from expertflow.registry import known_models
+from expertflow.errors import EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ExpertFlowError
 
 #: OS errors that are the user's to fix (a path they gave), not a bug.
 USER_OS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
@@ -35,8 +39,6 @@ def _wrapped(title: str, items: Sequence[str]) -> str:
 
 def models_epilog() -> str:
     """The registry aliases (torch-free) for --help."""
-    from .registry import known_models
-
     return _wrapped("model aliases (--model; or a local Hugging Face checkpoint directory)", known_models())
 
 
@@ -53,15 +55,6 @@ def bundled_hardware_names() -> list[str]:
 
 def examples_epilog(examples: Sequence[str]) -> str:
     return "examples:\n" + "\n".join(f"  {e}" for e in examples)
-
-
-def tool_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("expertflow")
-    except PackageNotFoundError:  # running from a source tree
-        return "0.0.0+source"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -144,9 +137,9 @@ def join_negative_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -
     return out
 
 
-def run_handler(prog: str, parser: argparse.ArgumentParser, handler: str,
+def run_handler(prog: str, parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int | None],
                 argv: Sequence[str] | None) -> int:
-    """Parse argv, call `module:function` with the namespace, map errors to exit codes.
+    """Parse argv, call `handler` with the namespace, map errors to exit codes.
 
     Returns the exit code (argparse's own exits too: 0 for --help/--version, 2 for bad usage)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -156,10 +149,8 @@ def run_handler(prog: str, parser: argparse.ArgumentParser, handler: str,
         return EXIT_USAGE if exc.code not in (0, None) else 0
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format=f"{prog}: %(levelname)s: %(message)s")
-    module, func = handler.split(":")
     try:
-        fn: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), func)
-        return int(fn(args) or 0)
+        return int(handler(args) or 0)
     except ExpertFlowError as exc:
         if args.debug:
             raise
@@ -188,3 +179,21 @@ def _internal(prog: str, exc: BaseException) -> int:
     print(f"{prog}: internal error: {exc.__class__.__name__}: {exc} (re-run with --debug for "
           "the traceback and report it)", file=sys.stderr)
     return EXIT_INTERNAL
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, a batch system's preemption) stops like Ctrl-C: the running trial finishes,
+    no file is left half-written, and --resume continues (exit 130)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
