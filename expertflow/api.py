@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from .budget import plan_memory
+from .config import default_config as _default_config
 from .errors import ModelError
+from .registry import DTYPE_BYTES, ModelSpec, resolve_model, spec_from_hf_config
 
 __all__ = ["default_config"]
 
 
 def _spec_of(model: Any):
-    from .registry import ModelSpec, resolve_model, spec_from_hf_config
-
     if isinstance(model, ModelSpec):
         return model
     if isinstance(model, str) or hasattr(model, "__fspath__"):
@@ -58,10 +59,6 @@ def default_config(model: Any, *, budget: str | int, device: str | None = None, 
     parameter's), else cuda and bfloat16. Raises ModelError (not a supported MoE) or
     BudgetError (malformed or too small a budget), one line each.
     """
-    from .budget import plan_memory
-    from .config import default_config as _default_config
-    from .registry import DTYPE_BYTES
-
     spec = _spec_of(model)
     model_dtype, model_device = _model_dtype_device(model)
     dt = dtype or (model_dtype if model_dtype in DTYPE_BYTES else None) or "bfloat16"

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import BudgetError, UsageError
+from .registry import DTYPE_BYTES
 
 _UNITS = {
     "b": (1, "bytes"),
@@ -184,8 +185,6 @@ def check_max_context(spec, tokens: int | None, *, flag: str = "--max-context") 
 
 def workspace_bytes(spec, *, max_batch: int, prefill_chunk_tokens: int, dtype: str = "bfloat16") -> int:
     """Peak activation bytes of one forward over `max_batch x prefill_chunk_tokens` tokens."""
-    from .registry import DTYPE_BYTES
-
     b = DTYPE_BYTES[dtype]
     t = max_batch * prefill_chunk_tokens
     h = spec.hidden_size
@@ -291,8 +290,6 @@ def host_memory_need(spec, *, dtype: str, device: str, pin_memory: bool = True) 
     """What building `spec` needs in host RAM (imports torch/transformers to count parameters on
     the meta device). On a GPU run the routed experts live in host memory (pinned when
     `pin_memory`); on a CPU run every weight does."""
-    from .registry import DTYPE_BYTES
-
     counts = spec.param_counts()
     per = DTYPE_BYTES[dtype]
     if str(device).startswith("cuda"):

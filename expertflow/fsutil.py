@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import DataError, OutputError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -58,8 +60,6 @@ def read_versioned(file: Path, parse, *, version: Any, source: str, redo: str,
     has every key of `required`. Anything else is one DataError line naming `source` (how the
     file is called in the message) and ending in `redo` (what to run to make it again).
     `errors` are the parser's own exception types, reported as "corrupt"."""
-    from .errors import DataError
-
     try:
         meta = parse(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, OSError, *errors) as exc:
@@ -73,8 +73,6 @@ def read_versioned(file: Path, parse, *, version: Any, source: str, redo: str,
 
 def check_version(meta: Any, *, version: Any, source: str, redo: str) -> None:
     """DataError unless `meta` is a dict of this ExpertFlow's format `version`."""
-    from .errors import DataError
-
     if not isinstance(meta, dict) or meta.get("version") != version:
         v = meta.get("version") if isinstance(meta, dict) else type(meta).__name__
         raise DataError(f"{source} has version {v!r}; this ExpertFlow reads version {version}; {redo}")
@@ -127,8 +125,6 @@ def claim_out_dir(path: str | os.PathLike, ours, *, force: bool = False, flag: s
     read-only file system, no permission). Returns an OutFolder whose `restore()` leaves the
     folder as it was found.
     """
-    from .errors import OutputError
-
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise OutputError(f"{flag} {str(target)!r} is a file, not a folder; pass a folder path (a new "

@@ -17,6 +17,9 @@ from typing import Any
 import numpy as np
 
 from .numeric import relative_error
+from .objective import quality_table_for, trial_config
+from .profiler.activation import record_routing
+from .simulator import simulate
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +30,6 @@ def _settings(config) -> tuple[float, int, bool]:
 
 
 def _counts(ctx, trace, config, max_decode_tokens) -> dict[str, float]:
-    from .objective import quality_table_for
-    from .simulator import simulate
-
     sim = ctx.simulate_fn or simulate
     res = sim(trace, ctx.costs, config, prompt_tokens=ctx.prompt_tokens, max_decode_tokens=max_decode_tokens,
               quality_table=quality_table_for(ctx, config))
@@ -50,10 +50,7 @@ def count_error(spec, prof, ctx, finalists: list[dict], *, token_lists: list[lis
     """Re-record the trace under each finalist's adaptive-k settings and compare the hit/miss
     counts of the finalist replayed on it with those on the exact trace. None when no finalist
     uses adaptive-k, or the prompts do not reproduce the profile's sequences."""
-    from .objective import trial_config
-
-    if record is None:
-        from .profiler.activation import record_routing as record
+    record = record or record_routing
     trace = prof.trace
     lens = np.bincount(trace.seq)
     lens = lens[lens > 0].tolist()

@@ -8,7 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from . import export, quality, sensitivity
+from .adaptive_trace import count_error
 from .objective import trial_config
+from .profiler.activation import default_prompt_file, load_prompts, tokenize_prompts
 from .records import Sensitivity, TrialRecord
 
 
@@ -36,8 +38,6 @@ def final_choice(ctx, done: list[TrialRecord], cap, *, spec, base, prof, q: qual
             sens.quality_choice = chosen.number  # the band's pick measured over the cap
     check = None
     if q.prompt_ids and prof.routing_kind == "real":  # real weights: re-record under adaptive-k
-        from .adaptive_trace import count_error
-        from .profiler.activation import default_prompt_file, load_prompts, tokenize_prompts
 
         tokens = tokenize_prompts(spec, load_prompts(prompts if prompts is not None else default_prompt_file(spec)))
         check = count_error(spec, prof, ctx, scored, token_lists=tokens, device=q.device, dtype=q.dtype,
@@ -52,7 +52,7 @@ def verify_quality(spec, base, chosen: TrialRecord, finalists, done, ctx, cap, q
     rest = export.ranked(finalists, cap) + [t for t in export.ranked(done, cap)
                                             if t.number not in {f.number for f in finalists}]
     ranked = [chosen] + [t for t in rest if t.number != chosen.number]
-    from expertflow.runtime.loading import build_model
+    from expertflow.runtime.loading import build_model  # noqa: PLC0415 - torch, only when it runs
 
     model = build_model(spec, device=q.device, dtype=q.dtype)
     cache: dict[tuple, dict[str, Any]] = {}

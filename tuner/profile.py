@@ -49,8 +49,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from expertflow.errors import DataError
-from expertflow.fsutil import read_versioned
+from expertflow.errors import DataError, OutputError
+from expertflow.fsutil import atomic_path, foreign_entries, read_versioned
 from expertflow.trace import RoutingTrace
 
 from .numeric import piecewise_linear
@@ -145,10 +145,6 @@ class Profile:
         anything but a profile's own files, is refused (OutputError) unless `force`, which
         writes each of our files into it atomically (profile.yaml last) and leaves the rest.
         """
-        from expertflow.fsutil import atomic_path, foreign_entries
-
-        from expertflow.errors import OutputError
-
         target = Path(directory)
         if target.exists() and not target.is_dir():
             raise OutputError(f"profile folder {str(target)!r} is a file; pass a folder path for the profile")

@@ -22,13 +22,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from expertflow.budget import plan_memory
+from expertflow.config import default_config
+from expertflow.core import adaptive_k
 from expertflow.errors import DataError
 
+from .profiler.activation import default_prompt_file, load_prompts, tokenize_prompts
 from .progress import Reporter
 
 log = logging.getLogger(__name__)
@@ -40,8 +43,6 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 def dropped_mass_table(trace, thresholds=THRESHOLDS, *, min_k: int = 1) -> list[dict[str, float]]:
     """Per threshold: mean dropped share of the top-k gate mass per token and layer, and the
     experts kept per token (all layers). Uses the runtime's own rule (expertflow.core)."""
-    from expertflow.core import adaptive_k
-
     if trace.num_tokens == 0:
         raise DataError("routing trace has no tokens; profile with a non-empty prompt set")
     k = trace.top_k
@@ -71,21 +72,11 @@ class QualitySide:
     prompts: str | None = None  # the prompt file given (None: the checkpoint's own or embedded)
 
 
-def default_prompt_file(spec) -> Path | None:
-    """The checkpoint's own prompts.jsonl when it ships one (pydocs-moe does), else None (the
-    profiler's embedded prompt set): the same choice the profiler makes for the trace."""
-    from .profiler.activation import default_prompt_file as own
-
-    return own(spec)
-
-
 def prompt_ids(spec, path=None, *, n_prompts: int | None = None, max_tokens: int = 64,
                min_tokens: int = 8) -> list[list[int]]:
     """Token ids of the prompt set (`path`, else the checkpoint's prompts.jsonl, else the
     embedded set), each cut to `max_tokens`; prompts shorter than `min_tokens` are left out.
     Reads and tokenizes with the profiler's functions (one prompt format for both)."""
-    from .profiler.activation import load_prompts, tokenize_prompts
-
     src = path if path is not None else default_prompt_file(spec)
     ids = [x[:max_tokens] for x in tokenize_prompts(spec, load_prompts(src)) if len(x) >= min_tokens]
     if not ids:
@@ -120,9 +111,6 @@ class QualityTable:
 
 def resident_config(spec, *, device: str = "cpu", dtype: str = "float32"):
     """A RuntimeConfig that keeps every expert of `spec` resident (no offloading at all)."""
-    from expertflow.budget import plan_memory
-    from expertflow.config import default_config
-
     plan = plan_memory(spec, 2**50, max_context_tokens=1024, prefill_chunk_tokens=64, dtype=dtype)
     return default_config(spec, plan, device=device, dtype=dtype).with_values(
         {"prefetch.depth": 0, "cache.warm_start": False})
@@ -149,8 +137,8 @@ def measure_quality(spec, thresholds=THRESHOLDS, *, prompts: list[list[int]], de
     """
     import torch
 
-    from expertflow.runtime.loading import build_model
-    from expertflow.runtime.offload import offload
+    from expertflow.runtime.loading import build_model  # noqa: PLC0415 - torch, only when it runs
+    from expertflow.runtime.offload import offload  # noqa: PLC0415 - torch, only when it runs
 
     if not prompts:
         raise DataError("no prompts to measure quality on; pass a prompt file with --prompts")
@@ -225,7 +213,7 @@ def measure_tables(spec, thresholds, *, prompts: list[list[int]], min_ks=(1,), r
     """The quality tables the study reads, one per (renormalize, min_k) searched:
     ({(renormalize, min_k): {threshold: loss}}, the measured rows with both keys as columns).
     min_k >= top_k keeps every expert (exact top-k): its table is 0 without a measurement."""
-    from expertflow.runtime.loading import build_model
+    from expertflow.runtime.loading import build_model  # noqa: PLC0415 - torch, only when it runs
 
     model = build_model(spec, device=device, dtype=dtype)
     tables: dict[tuple[bool, int], dict[float, float]] = {}

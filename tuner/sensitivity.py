@@ -26,7 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from .export import ranked
+from .objective import evaluate
 from .records import Sensitivity, SensitivityRow, SensitivitySetting, TrialRecord
+from .stats import lru_hit_rate
+from .synthetic import generate, params_from_json
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +45,6 @@ RULE = ("routing is synthetic: among the finalists within the cap, the highest w
 def generator_params(prof):
     """The synthetic generator settings the profile's trace came from (profile.yaml routing, else
     the trace's own meta); None when the profile does not say."""
-    from .synthetic import params_from_json
-
     d = (prof.meta.get("routing") or {}).get("synthetic") or (prof.trace.meta or {}).get("synthetic")
     if not d:
         return None
@@ -54,16 +56,12 @@ def generator_params(prof):
 
 
 def _lru25(trace) -> float:
-    from .stats import lru_hit_rate
-
     return round(float(np.mean(lru_hit_rate(trace, 0.25))), 4)
 
 
 def band_traces(prof, *, seed: int = 0) -> list[dict[str, Any]]:
     """[{label, locality (mean), lru_hit_25, trace}] for the preset (the profile's trace) and each
     SETTINGS entry; [] when the profile holds no generator settings."""
-    from .synthetic import generate
-
     params = generator_params(prof)
     if params is None:
         return []
@@ -84,8 +82,6 @@ def band_traces(prof, *, seed: int = 0) -> list[dict[str, Any]]:
 
 def band_speeds(ctx, params: dict[str, Any], band: list[dict], *, max_decode_tokens) -> list[float]:
     """Predicted decode tokens/s of one config on each band trace (the finalists' simulation)."""
-    from .objective import evaluate
-
     out = []
     for b in band:
         m, _ = evaluate(dataclasses.replace(ctx, trace=b["trace"]), params, max_decode_tokens=max_decode_tokens)
@@ -96,8 +92,6 @@ def band_speeds(ctx, params: dict[str, Any], band: list[dict], *, max_decode_tok
 def robust_choice(ctx, chosen: TrialRecord, finalists: list[TrialRecord], band: list[dict], cap, *,
                   max_decode_tokens) -> tuple[TrialRecord, Sensitivity]:
     """(the finalist the band rule picks, the record tuning.json keeps as `sensitivity`)."""
-    from .export import ranked
-
     pool = ranked(finalists, cap) or [chosen]
     rows = []
     for t in pool:

@@ -36,9 +36,15 @@ from expertflow.core import Scheduler, SchedulerParams
 from expertflow.core.adaptive_k import decide
 from expertflow.core.counters import Counters
 from expertflow.core.engine_cache import EngineScheduler
+from expertflow.errors import DataError
 from expertflow.trace import DECODE, RoutingTrace
 
-from .engine_sim import EngineCosts, replay_engine, simulate_engine, whole_layer_offload_ms
+from .engine_sim import (
+    EngineCosts,
+    replay_engine,
+    simulate_engine,
+    whole_layer_offload_ms,
+)
 from .numeric import piecewise_linear
 from .schedule import decode_schedule, recorded_schedule, schedule_steps  # noqa: F401 - re-exported
 
@@ -127,8 +133,6 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
     config.memory.max_batch) or "recorded" (the trace's own steps, as the runtime ran them).
     """
     if trace.num_layers != config.model.num_moe_layers or trace.num_experts != config.model.num_experts:
-        from expertflow.errors import DataError
-
         raise DataError(f"trace has {trace.num_layers} layers x {trace.num_experts} experts but the config "
                         f"is for {config.model.num_moe_layers} x {config.model.num_experts}; profile this model")
     if costs.engine is not None and resolved_engine(config) == "graph":

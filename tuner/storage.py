@@ -22,6 +22,8 @@ from typing import Any
 
 from expertflow.errors import ExpertFlowError, StorageError
 
+from .optuna_private import retry_callback
+
 MEMORY_URLS = ("memory", ":memory:")
 SQLITE_PREFIX = "sqlite:///"
 GRACE_FACTOR = 3  # a trial is declared dead after GRACE_FACTOR missed heartbeats
@@ -79,7 +81,9 @@ class StorageURL:
         if self.is_memory or "://" not in url:
             return url
         try:
-            from sqlalchemy.engine import make_url  # optional: sqlalchemy comes with optuna
+            from sqlalchemy.engine import (
+                make_url,  # optional: sqlalchemy comes with optuna
+            )
 
             return make_url(url).render_as_string(hide_password=True)
         except Exception:  # noqa: BLE001 - unparsable: hide anything between :// and @
@@ -88,7 +92,9 @@ class StorageURL:
 
     def password(self) -> str | None:
         try:
-            from sqlalchemy.engine import make_url  # optional: sqlalchemy comes with optuna
+            from sqlalchemy.engine import (
+                make_url,  # optional: sqlalchemy comes with optuna
+            )
 
             return make_url(self.text).password or None
         except Exception:  # noqa: BLE001
@@ -127,7 +133,6 @@ def make_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
     """
     import optuna  # optional at import time (see the module docstring)
 
-    from .optuna_private import retry_callback
 
     parsed = StorageURL(url)
     if parsed.is_memory:

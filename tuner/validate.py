@@ -33,6 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from expertflow.config import resolved_engine
+from expertflow.registry import resolve_model
+
 from .numeric import relative_error
 from .schedule import sequences
 from .simulator import simulate
@@ -138,7 +141,7 @@ def measure_one(model, handle, spec, trace, *, device, replay: bool, prompt_toke
     """Run the decode workload on an attached model; the measured metrics."""
     import torch
 
-    from expertflow.runtime.generate import greedy_generate
+    from expertflow.runtime.generate import greedy_generate  # noqa: PLC0415 - torch, only when it runs
 
     cuda = device.type == "cuda"
     if cuda:
@@ -220,7 +223,7 @@ def measure_on_engine(model, engine, spec, trace, *, device, replay: bool, promp
     start, as the simulator's do), graphs captured before the clock starts; detaches it."""
     import torch
 
-    from expertflow.engine import replay_generate
+    from expertflow.engine import replay_generate  # noqa: PLC0415 - torch, only when it runs
 
     cuda = device.type == "cuda"
     try:
@@ -280,8 +283,7 @@ def validate_configs(spec, configs, trace=None, *, device: str = "cuda", max_new
     predicted: per config the simulator's metrics; with `costs` instead, they are simulated
     here on exactly the measured schedule. On CPU nothing runs unless `force`.
     """
-    from expertflow.registry import resolve_model
-    from expertflow.runtime.loading import resolve_device
+    from expertflow.runtime.loading import resolve_device  # noqa: PLC0415 - torch, only when it runs
 
     if isinstance(spec, str):
         spec = resolve_model(spec)
@@ -354,10 +356,9 @@ def _measure_config(spec, cfg, trace, dev, *, replay, prompt_tokens, max_decode_
     or the eager runtime), warm up, measure, detach."""
     import torch
 
-    from expertflow.config import resolved_engine
-    from expertflow.runtime.generate import greedy_generate
-    from expertflow.runtime.loading import attach_executor, load_model
-    from expertflow.runtime.offload import offload
+    from expertflow.runtime.generate import greedy_generate  # noqa: PLC0415 - torch, only when it runs
+    from expertflow.runtime.loading import attach_executor, load_model  # noqa: PLC0415 - torch, only when it runs
+    from expertflow.runtime.offload import offload  # noqa: PLC0415 - torch, only when it runs
 
     on_engine = resolved_engine(cfg, dev.type) == "graph"
     if "model" not in cache:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import RuntimeConfig
+from ..config import RuntimeConfig, load_config
 from ..core import SchedulerParams
 from ..core.engine_cache import DECODE_STEP, PREFILL_STEP, EngineScheduler
 from ..runtime.offload import BACKEND_NAME, attach_target, register_backend
@@ -406,7 +406,5 @@ class GraphEngine(AbstractContextManager):
 def attach(model: nn.Module, config: RuntimeConfig | str, *, device: str | None = None, **kwargs) -> GraphEngine:
     """Attach the graph engine to `model` following `config` (a RuntimeConfig or a path)."""
     if not isinstance(config, RuntimeConfig):
-        from ..config import load_config
-
         config = load_config(config)
     return GraphEngine(model, config, device=device, **kwargs)

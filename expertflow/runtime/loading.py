@@ -15,9 +15,11 @@ import logging
 import torch
 from torch import nn
 
+from ..config import load_config, resolved_engine
 from ..errors import DeviceError, ModelError
 from ..registry import ModelSpec, resolve_model
 from .adapters import find_moe_blocks, is_experts_module
+from .offload import offload
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +154,6 @@ def load_model(name_or_path: str, config=None, *, device: str | None = None,
     """
     spec = resolve_model(name_or_path)
     if config is not None and not hasattr(config, "model"):
-        from ..config import load_config
-
         config = load_config(config)
     dev = resolve_device(device or (config.runtime.device if config is not None else None))
     dt = dtype or (config.runtime.dtype if config is not None else ("bfloat16" if dev.type == "cuda" else "float32"))
@@ -166,8 +166,6 @@ def load_model(name_or_path: str, config=None, *, device: str | None = None,
 
 def engine_kind(config, device: torch.device) -> str:
     """The decode executor `config.runtime.engine` asks for on `device`: auto = graph on CUDA."""
-    from ..config import resolved_engine
-
     return resolved_engine(config, device.type)
 
 
@@ -177,11 +175,9 @@ def attach_executor(model: nn.Module, config, device: torch.device, *, record_tr
     if engine_kind(config, device) == "graph":
         if record_trace:
             raise ValueError("routing traces are recorded by the eager runtime; set runtime.engine: eager")
-        from ..engine import attach
+        from ..engine import attach  # noqa: PLC0415 - the graph engine imports triton: only when it runs
 
         return attach(model, config, device=str(device))
-    from .offload import offload
-
     return offload(model, config, device=str(device), record_trace=record_trace)
 
 

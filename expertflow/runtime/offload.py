@@ -30,12 +30,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import RuntimeConfig
+from ..config import RuntimeConfig, load_config
 from ..core import Route, Scheduler, SchedulerParams
 from ..core.counters import Counters
 from ..errors import DeviceError, ModelError
+from ..registry import spec_from_hf_config
 from ..trace import DECODE, PREFILL, RoutingTrace, TraceRecorder
 from .adapters import find_moe_blocks
+from .generate import greedy_generate
 from .store import HostStore, SlotPool
 
 log = logging.getLogger(__name__)
@@ -77,8 +79,6 @@ def attach_target(model: nn.Module, config: RuntimeConfig, device) -> tuple[list
 
 def check_config_matches(model: nn.Module, config: RuntimeConfig) -> None:
     """Refuse a config made for another model (by dims fingerprint): ModelError."""
-    from ..registry import spec_from_hf_config
-
     spec = spec_from_hf_config(model.config, type(model).__name__)
     if spec.fingerprint != config.model.fingerprint:
         d = spec.dims()
@@ -449,8 +449,6 @@ class OffloadHandle(AbstractContextManager):
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, keep_logits: bool = False):
         """Greedy decoding with the attached model (the lean loop of runtime.generate)."""
-        from .generate import greedy_generate
-
         return greedy_generate(self.model, input_ids, max_new_tokens, keep_logits=keep_logits)
 
     def stats_json(self) -> str:
@@ -476,8 +474,6 @@ def offload(model: nn.Module, config: RuntimeConfig | str, *, device: str | None
     Returns a handle with `.stats`, `.detach()`; usable as a context manager.
     """
     if not isinstance(config, RuntimeConfig):
-        from ..config import load_config
-
         config = load_config(config)
     t0 = time.perf_counter()
     handle = OffloadHandle(model, config, device=device, record_trace=record_trace, trace_meta=trace_meta)

@@ -16,7 +16,15 @@ import logging
 import time
 from pathlib import Path
 
+from expertflow.config import now_iso, tool_version
 from expertflow.errors import ConfigError
+from expertflow.registry import ModelSpec, resolve_model
+
+from .. import stats, synthetic
+from ..profile import Profile, new_profile_id
+from ..progress import Reporter
+from . import activation
+from .bundled import load_bundled
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +78,7 @@ def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | N
     force: write into an `out` folder that holds other files (they are kept; tuner.profile).
     Raises ModelError, DataError, DeviceError, ConfigError (one line each).
     """
-    from expertflow.config import now_iso, tool_version
-    from expertflow.registry import ModelSpec, resolve_model
-    from expertflow.runtime.loading import resolve_device
-
-    from .. import stats, synthetic
-    from ..profile import Profile, new_profile_id
-    from . import activation
-    from ..progress import Reporter
+    from expertflow.runtime.loading import resolve_device  # noqa: PLC0415 - torch, only when it runs
 
     if routing not in ROUTING_KINDS:
         raise ConfigError(f"routing {routing!r} is not one of {', '.join(ROUTING_KINDS)}")
@@ -92,8 +93,6 @@ def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | N
     timings: dict[str, float] = {}
     bundle = None
     if hardware is not None:  # fail fast, before minutes of routing, when the bundle is missing
-        from .bundled import load_bundled
-
         bundle = load_bundled(hardware, spec)
     with Reporter(progress) as rep:
         t0 = time.perf_counter()
@@ -124,8 +123,8 @@ def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | N
                                f"({hw.get('bundle_created_at')}), not on this machine: "
                                f"{hw.get('bundle_timing_note') or ''}").strip()}
         else:
-            from .hardware import collect_hardware
-            from .timing import measure_timing
+            from .hardware import collect_hardware  # noqa: PLC0415 - torch and NVML, only when measuring
+            from .timing import measure_timing  # noqa: PLC0415 - torch, only when measuring
 
             res = measure_timing(spec, device=dev, dtype=dt, quick=quick, seed=seed, progress=rep)
             timing_tables, timing, timing_dtype = res.tables, {"kind": res.kind, "note": res.note}, dt
@@ -134,7 +133,7 @@ def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | N
             hw = collect_hardware(dev)
         timings["timing"] = time.perf_counter() - t0
 
-    from .timing import timing_summary
+    from .timing import timing_summary  # noqa: PLC0415 - torch, only when it runs
 
     bpe = spec.bytes_per_expert(timing_dtype)
     summary = timing_summary(timing_tables, bpe)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from expertflow.budget import plan_memory
+from expertflow.config import default_config
 from expertflow.errors import DataError, ModelError
 from expertflow.registry import ModelSpec
 from expertflow.trace import RoutingTrace
@@ -140,7 +142,7 @@ def tokenize_prompts(spec: ModelSpec, prompts: list[str], max_tokens: int | None
 
 # ---- real routing ----------------------------------------------------------------------------
 def _check_host_memory(spec: ModelSpec, dtype: str, device_type: str) -> None:
-    from .hardware import host_available_bytes
+    from .hardware import host_available_bytes  # noqa: PLC0415 - torch, only when it runs
 
     avail = host_available_bytes()
     if avail is None or spec.has_weights:
@@ -175,10 +177,8 @@ def record_routing(spec: ModelSpec, token_lists: list[list[int]], *, device, dty
     computation, so later layers route the hidden states adaptive-k makes."""
     import torch
 
-    from expertflow.budget import plan_memory
-    from expertflow.config import default_config
-    from expertflow.runtime.loading import build_model
-    from expertflow.runtime.offload import offload
+    from expertflow.runtime.loading import build_model  # noqa: PLC0415 - torch, only when it runs
+    from expertflow.runtime.offload import offload  # noqa: PLC0415 - torch, only when it runs
 
     dev = torch.device(device)
     _check_host_memory(spec, dtype, dev.type)

@@ -22,7 +22,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from expertflow.config import now_iso, tool_version
 from expertflow.errors import DataError
+from expertflow.fsutil import atomic_path, atomic_write_text
 from expertflow.registry import ModelSpec
 
 TIMING_TABLES = ("transfer", "kernel", "layer", "runtime", "engine")
@@ -107,9 +109,6 @@ def save_bundled(name: str, alias: str, *, fingerprint: str, dtype: str, bytes_p
                  hardware: dict, timing: dict, summary: dict, tables: dict[str, pd.DataFrame],
                  root: Path | None = None) -> Path:
     """Write one bundle entry (used by bench/bundle_hardware.py and tests)."""
-    from expertflow.config import now_iso, tool_version
-    from expertflow.fsutil import atomic_path, atomic_write_text
-
     d = (root or hardware_root()) / name / alias
     d.mkdir(parents=True, exist_ok=True)
     for t in TIMING_TABLES:

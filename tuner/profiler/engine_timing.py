@@ -27,7 +27,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from expertflow.registry import ModelSpec
+from expertflow.budget import plan_memory
+from expertflow.config import default_config
+from expertflow.core import SchedulerParams
+from expertflow.core.engine_cache import EngineScheduler
+from expertflow.registry import DTYPE_BYTES, ModelSpec
 
 from ..progress import NULL, Reporter
 from .reduced import build_random, free_memory, reduced_spec, timing_depths
@@ -39,9 +43,6 @@ PREFILL_TOKENS = 64
 
 
 def _resident_config(spec: ModelSpec, dev: torch.device, dtype: str, max_batch: int):
-    from expertflow.budget import plan_memory
-    from expertflow.config import default_config
-
     plan = plan_memory(spec, 2 ** 50, dtype=dtype, max_context_tokens=512, max_batch=max_batch)
     priors = [[1.0 / spec.num_experts] * spec.num_experts for _ in range(spec.num_moe_layers)]
     return default_config(spec, plan, priors=priors, device=str(dev), dtype=dtype).with_values(
@@ -52,7 +53,7 @@ def _resident_config(spec: ModelSpec, dev: torch.device, dtype: str, max_batch: 
 def measure_steps(spec: ModelSpec, dev: torch.device, dtype: str, *, depth: int, batches, new_tokens: int,
                   reps: int, seed: int) -> dict[int, float]:
     """Median decode ms per step of the engine, all experts resident, per batch size."""
-    from expertflow.engine import attach
+    from expertflow.engine import attach  # noqa: PLC0415 - torch, only when it runs
 
     rs = reduced_spec(spec, depth)
     model = build_random(rs, dev, dtype, seed)
@@ -90,8 +91,7 @@ def measure_kernel_grid(spec: ModelSpec, dev: torch.device, dtype: str, *, batch
                         seed: int) -> pd.DataFrame:
     """The experts kernel over one layer: `hits` experts in GPU slots, `misses` zero-copy from
     pinned host memory (the first miss also written to a staging slot), per token count."""
-    from expertflow.engine import kernels
-    from expertflow.registry import DTYPE_BYTES
+    from expertflow.engine import kernels  # noqa: PLC0415 - torch, only when it runs
 
     tdt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
     H, I, k = spec.hidden_size, spec.expert_intermediate_size, spec.top_k
@@ -171,9 +171,6 @@ def _time(fn, dev: torch.device, reps: int) -> dict[str, float]:
 def measure_host_layer_ms(spec: ModelSpec, *, steps: int = 64, seed: int = 0) -> float:
     """The host's one-step-behind decision per MoE layer and decode step (EngineScheduler with
     LRU and read-through at a third of the experts resident, random routing)."""
-    from expertflow.core import SchedulerParams
-    from expertflow.core.engine_cache import EngineScheduler
-
     L, E, k = spec.num_moe_layers, spec.num_experts, spec.top_k
     params = SchedulerParams(num_layers=L, num_experts=E, top_k=k, capacity=max(L, L * E // 3), policy="lru")
     sched = EngineScheduler(params, 1)

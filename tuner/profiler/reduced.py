@@ -38,7 +38,7 @@ def timing_depths(spec: ModelSpec, dtype: str) -> tuple[int, int]:
 
 
 def build_random(spec: ModelSpec, dev: torch.device, dtype: str, seed: int):
-    from expertflow.runtime.loading import build_model
+    from expertflow.runtime.loading import build_model  # noqa: PLC0415 - torch, only when it runs
 
     return build_model(spec, device=dev, dtype=dtype, seed=seed, experts_on_host=True,
                        pin_memory=dev.type == "cuda")

@@ -45,7 +45,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from expertflow.budget import plan_memory
+from expertflow.config import default_config
 from expertflow.registry import ModelSpec
+from tuner.profile import interpolate as _interp
 
 from ..progress import NULL, Reporter
 from .engine_timing import measure_engine
@@ -194,9 +197,7 @@ def measure_big_copy_gbps(dev: torch.device, nbytes: int = GIB, reps: int = 3) -
 def _attach(model, spec: ModelSpec, dev: torch.device, dtype: str, **values):
     """The real runtime with every expert resident (warm start from uniform priors); `values`
     override dotted config keys (e.g. prefetch.depth to time the predictor's host cost)."""
-    from expertflow.budget import plan_memory
-    from expertflow.config import default_config
-    from expertflow.runtime.offload import offload
+    from expertflow.runtime.offload import offload  # noqa: PLC0415 - torch, only when it runs
 
     plan = plan_memory(spec, 2 ** 50, dtype=dtype, max_context_tokens=512)
     priors = [[1.0 / spec.num_experts] * spec.num_experts for _ in range(spec.num_moe_layers)]
@@ -214,7 +215,7 @@ def measure_layer(model, dev: torch.device, tokens, *, reps: int, progress: Repo
                   rounds: int = 1) -> pd.DataFrame:
     from transformers.integrations.moe import ExpertsInterface
 
-    from expertflow.runtime.adapters import find_moe_blocks
+    from expertflow.runtime.adapters import find_moe_blocks  # noqa: PLC0415 - torch, only when it runs
 
     clock = _Clock(dev)
     block = find_moe_blocks(model)[0]
@@ -434,8 +435,6 @@ def measure_timing(spec: ModelSpec, *, device, dtype: str, quick: bool = False, 
 
 def timing_summary(tables: dict[str, pd.DataFrame], bytes_per_expert: int) -> dict:
     """Headline timing numbers for profile.yaml `summary` (plain floats)."""
-    from tuner.profile import interpolate as _interp
-
     t = tables["transfer"]
     rt = dict(zip(tables["runtime"]["name"], tables["runtime"]["value"].astype(float)))
 

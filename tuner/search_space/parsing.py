@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import search_spaces
-from expertflow.config import config_field, field_range, leaf_fields
+from expertflow.config import (
+    config_field,
+    field_range,
+    leaf_fields,
+    parse_yaml_text,
+    read_yaml_file,
+)
 from expertflow.errors import ConfigError
 
 from .model import (
@@ -213,16 +219,12 @@ def parse_space(data: Any, source: str = "search space") -> SearchSpace:
 
 def load_space(path: str | os.PathLike) -> SearchSpace:
     """Load and validate a search-space YAML file."""
-    from expertflow.config import read_yaml_file
-
     data = read_yaml_file(path, what="search space",
                           missing_hint="pass a YAML file (see search_spaces/default.yaml)")
     return parse_space(data, str(Path(path)))
 
 
 def _load_text(text: str, source: str) -> SearchSpace:
-    from expertflow.config import parse_yaml_text
-
     return parse_space(parse_yaml_text(text, what=f"search space {source!r}"), source)
 
 
