@@ -39,8 +39,6 @@ MODULE_EXCEPTIONS = {
     "tuner/profiler/timing.py": "the profiler's measurements; not split yet",
     "tuner/pipeline.py": "tune() and its export: waits for the compose-at-the-top step (issue 11 "
                          "edits it in parallel)",
-    "reports/data.py": "the report's data functions; not split yet",
-    "reports/build.py": "the report page's sections; not split yet",
     "expertflow/engine/engine.py": "GraphEngine: attach (with its undo and allocator cap), the model "
                                    "loop, the one-step-behind decisions and generate in one class",
     "expertflow/config.py": "the config schema plus the field introspection the search space reads "

@@ -23,6 +23,8 @@ import pandas as pd
 import pytest
 from _timing import timing_tables
 
+from tuner.records import TuningRecord
+
 L, E, K, D = 4, 16, 4, 3  # MoE layers, experts, top-k, predictor lookahead (tiny-qwen3-moe)
 BYTES_PER_EXPERT = 12288
 CAPACITY = 24
@@ -267,11 +269,11 @@ def output_copy(output_folder, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def loaded(output_folder):
-    """(tuning dict, Profile, study, trials, config text) of `output_folder`."""
+    """(TuningRecord, Profile, study, trials, config text) of `output_folder`."""
     from reports import data
     from tuner.profile import Profile
 
-    tuning = json.loads((output_folder / "tuning.json").read_text())
+    tuning = TuningRecord.load(output_folder)
     profile = Profile.load(output_folder / "profile")
     study, note = data.load_study(tuning, output_folder)
     assert study is not None, note
