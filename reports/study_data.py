@@ -1,5 +1,6 @@
 """The study's numbers for the report: trials, history, importances, Pareto front, parallel
-coordinates. Pure functions over an Optuna study (optuna imported lazily) and tuning.json."""
+coordinates. Pure functions over an Optuna study (optuna imported lazily) and the
+`tuner.records.TuningRecord` of tuning.json."""
 
 from __future__ import annotations
 
@@ -9,18 +10,17 @@ import os
 import warnings
 from pathlib import Path
 
-
+from tuner.records import TuningRecord
 from tuner.storage import StorageURL
 from tuner.trials import complete_trials, pareto_mask, trial_feasible
 
 from .metrics import METRICS, _num, metric_label
 
 
-def load_study(tuning: dict, out_dir: str | os.PathLike | None = None):
+def load_study(rec: TuningRecord, out_dir: str | os.PathLike | None = None):
     """(optuna Study or None, note or None). Never creates a storage: a missing SQLite file is
     looked for beside tuning.json (a moved folder) before giving up."""
-    st = tuning.get("study") or {}
-    url, name = st.get("storage"), st.get("name")
+    url, name = rec.study.storage, rec.study.name
     if not url or not name:
         return None, "tuning.json names no study storage; study figures are left out."
     note = None
@@ -68,24 +68,24 @@ def study_trials(study) -> list[dict]:
              "feasible": trial_feasible(t), "broke": broken_constraints(t)} for t in complete_trials(study)]
 
 
-def objective_names(tuning: dict, n: int) -> list[str]:
-    names = list((tuning.get("study") or {}).get("objectives") or [])
+def objective_names(rec: TuningRecord, n: int) -> list[str]:
+    names = list(rec.study.objectives)
     return (names + [f"objective {i}" for i in range(len(names), n)])[:n]
 
 
-def _directions(tuning: dict, study, n: int) -> list[str]:
+def _directions(rec: TuningRecord, study, n: int) -> list[str]:
     if study is not None:
         return [d.name.lower() for d in study.directions]
-    d = list((tuning.get("study") or {}).get("directions") or [])
+    d = list(rec.study.directions)
     return (d + ["minimize"] * n)[:n]
 
 
-def history_data(tuning: dict, trials: list[dict], study=None) -> dict | None:
+def history_data(rec: TuningRecord, trials: list[dict], study=None) -> dict | None:
     """Per objective: each trial's value and the best feasible value so far."""
     if not trials:
         return None
     n = len(trials[0]["values"])
-    names, dirs = objective_names(tuning, n), _directions(tuning, study, n)
+    names, dirs = objective_names(rec, n), _directions(rec, study, n)
     objectives = []
     for i in range(n):
         best, best_so_far = None, []
@@ -101,7 +101,7 @@ def history_data(tuning: dict, trials: list[dict], study=None) -> dict | None:
                            "feasible": [t["feasible"] for t in trials], "best_so_far": best_so_far,
                            "infeasible_label": [None if t["feasible"] else infeasible_label(t.get("broke") or [])
                                                 for t in trials]})
-    chosen = (tuning.get("chosen") or {}).get("trial")
+    chosen = rec.chosen.trial
     by_label: dict[str, int] = {}
     for t in trials:
         if not t["feasible"]:
@@ -111,7 +111,7 @@ def history_data(tuning: dict, trials: list[dict], study=None) -> dict | None:
             "n_infeasible": sum(not t["feasible"] for t in trials), "infeasible_by_label": by_label}
 
 
-def importance_data(tuning: dict, study) -> dict | None:
+def importance_data(rec: TuningRecord, study) -> dict | None:
     """Parameter importances per objective, computed with optuna.importance.
 
     PED-ANOVA first (no scikit-learn needed; it ranks by "lower is better", so maximised
@@ -141,7 +141,7 @@ def importance_data(tuning: dict, study) -> dict | None:
         optuna_log.setLevel(level)
     view.add_trials(trials)
     n = len(study.directions)
-    names, dirs = objective_names(tuning, n), _directions(tuning, study, n)
+    names, dirs = objective_names(rec, n), _directions(rec, study, n)
     candidates = [("PED-ANOVA", lambda: PedAnovaImportanceEvaluator()),
                   ("mean decrease in impurity (random forest)",
                    lambda: MeanDecreaseImpurityImportanceEvaluator(seed=0))]
@@ -176,29 +176,27 @@ def importance_data(tuning: dict, study) -> dict | None:
             "note": "no importance evaluator could run: " + "; ".join(failures) + "."}
 
 
-def pareto_data(tuning: dict, trials: list[dict], study=None) -> dict | None:
+def pareto_data(rec: TuningRecord, trials: list[dict], study=None) -> dict | None:
     """All trials in objective space (first two objectives), the feasible Pareto front, the
     chosen trial. Without the study, tuning.json's Pareto list alone. None if single-objective."""
-    n = len(trials[0]["values"]) if trials else len((tuning.get("study") or {}).get("objectives") or [])
+    n = len(trials[0]["values"]) if trials else len(rec.study.objectives)
     if n < 2:
         return None
     if not trials:
-        trials = [{"number": p.get("trial"), "values": list(p.get("values") or []),
-                   "params": p.get("params") or {}, "feasible": True}
-                  for p in tuning.get("pareto") or [] if len(p.get("values") or []) >= 2]
+        trials = [{"number": p.trial, "values": list(p.values), "params": p.params, "feasible": True}
+                  for p in rec.pareto if len(p.values) >= 2]
         if not trials:
             return None
-    names, dirs = objective_names(tuning, n), _directions(tuning, study, n)
+    names, dirs = objective_names(rec, n), _directions(rec, study, n)
     feas = [t for t in trials if t["feasible"]]
     mask = pareto_mask([t["values"][:2] for t in feas], dirs[:2]) if feas else []
     front = sorted((t for t, m in zip(feas, mask) if m), key=lambda t: t["values"][0])
-    chosen_no = (tuning.get("chosen") or {}).get("trial")
+    chosen_no = rec.chosen.trial
     chosen = next((t for t in trials if t["number"] == chosen_no), None)
-    if chosen is None and (tuning.get("chosen") or {}).get("predicted"):
-        pred = tuning["chosen"]["predicted"]
-        vals = [_num(pred.get(k)) for k in names[:2]]
+    if chosen is None and rec.chosen.predicted:
+        vals = [_num(rec.chosen.predicted.get(k)) for k in names[:2]]
         if None not in vals:
-            chosen = {"number": chosen_no, "values": vals, "params": tuning["chosen"].get("params", {})}
+            chosen = {"number": chosen_no, "values": vals, "params": rec.chosen.params}
 
     def pts(ts):
         return {"trial": [t["number"] for t in ts], "x": [t["values"][0] for t in ts],
@@ -219,21 +217,20 @@ def pareto_data(tuning: dict, trials: list[dict], study=None) -> dict | None:
             "infeasible_groups": [{"label": k, **pts(v)} for k, v in sorted(groups.items())],
             "front": pts(front),
             "chosen": pts([chosen]) if chosen else None,
-            "cap": _num((tuning.get("quality") or {}).get("cap"))
-            if names[1] == "quality_loss" else None}
+            "cap": _num(rec.quality.cap) if names[1] == "quality_loss" else None}
 
 
-def parallel_coordinates_data(tuning: dict, trials: list[dict]) -> dict | None:
+def parallel_coordinates_data(rec: TuningRecord, trials: list[dict]) -> dict | None:
     """Each trial as a line over the searched parameters and the objectives, every axis scaled
     to [0, 1] (categorical axes spaced evenly), coloured by the first objective."""
     feas = [t for t in trials if t["feasible"]]
     if len(feas) < 2:
         return None
-    space = (tuning.get("study") or {}).get("search_space") or {}
+    space = rec.study.search_space
     keys = [k for k in space if any(k in t["params"] for t in feas)]
     keys += sorted({k for t in feas for k in t["params"]} - set(keys))
     n = len(feas[0]["values"])
-    names = objective_names(tuning, n)
+    names = objective_names(rec, n)
     axes = []
     for key in keys:
         raw = [t["params"].get(key) for t in feas]
@@ -254,7 +251,7 @@ def parallel_coordinates_data(tuning: dict, trials: list[dict]) -> dict | None:
         axes.append({**_numeric_axis(metric_label(names[i]), [t["values"][i] * scale for t in feas]),
                      "objective": True})
     color = [t["values"][0] for t in feas]
-    chosen_no = (tuning.get("chosen") or {}).get("trial")
+    chosen_no = rec.chosen.trial
     return {"axes": axes, "trial": [t["number"] for t in feas], "color": color,
             "color_label": metric_label(names[0]), "chosen_trial": chosen_no}
 

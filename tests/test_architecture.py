@@ -31,8 +31,6 @@ MODULE_EXCEPTIONS = {
     "expertflow/core/scheduler.py": "the decision core belongs to the engine issues",
     "expertflow/registry.py": "the model registry's table of aliases (data, not logic)",
     "tuner/profiler/timing.py": "the profiler's measurements; not split yet",
-    "reports/data.py": "the report's data functions; not split yet",
-    "reports/build.py": "the report page's sections; not split yet",
     "expertflow/engine/engine.py": "GraphEngine: attach (with its undo and allocator cap), the model "
                                    "loop, the one-step-behind decisions and generate in one class",
     "expertflow/config.py": "the config schema plus the field introspection the search space reads "

@@ -7,14 +7,13 @@
                     loss) over dotted config keys, with a toy objective, a memory constraint
                     (some trials infeasible) and one failed trial
     config.yaml     expertflow.config.default_config + the chosen trial's params
-    tuning.json     following briefs/outputs.md (version 1)
+    tuning.json     a tuner.records.TuningRecord, built through its classes and saved
 Options switch the optional parts off (validation, quality table, synthetic routing,
 multi-objective) so tests can check that the report says so in a sentence.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -22,6 +21,20 @@ import numpy as np
 import pandas as pd
 import pytest
 from _timing import timing_tables
+
+from tuner.records import (
+    BudgetInfo,
+    ChosenInfo,
+    HardwareInfo,
+    ModelInfo,
+    ParetoPoint,
+    QualityInfo,
+    Reference,
+    RoutingInfo,
+    StudyInfo,
+    TuningRecord,
+    Validation,
+)
 
 L, E, K, D = 4, 16, 4, 3  # MoE layers, experts, top-k, predictor lookahead (tiny-qwen3-moe)
 BYTES_PER_EXPERT = 12288
@@ -202,53 +215,47 @@ def build_output_folder(root: Path, *, validated: bool = True, quality_table: bo
     measured = {k: v * (0.93 if k == "decode_tokens_per_s" else 1.02) for k, v in predicted.items()}
     save_config(config, root / "config.yaml")
     refs = [
-        {"name": "all experts on GPU", "feasible": False,
-         "reason": "needs 300.6 MB > 300.0 MB budget", "predicted": None},
-        {"name": "plain LRU, no prefetch", "feasible": True,
-         "predicted": toy_metrics({"cache.policy": "lru", "prefetch.depth": 0})},
-        {"name": "whole-layer offload", "feasible": True,
-         "predicted": {**toy_metrics({"cache.capacity_experts": 4, "prefetch.depth": 0}),
-                       "decode_tokens_per_s": 6.5}},
-        {"name": "default config", "feasible": True, "predicted": toy_metrics({})},
+        Reference(name="all experts on GPU", feasible=False, reason="needs 300.6 MB > 300.0 MB budget"),
+        Reference(name="plain LRU, no prefetch",
+                  predicted=toy_metrics({"cache.policy": "lru", "prefetch.depth": 0})),
+        Reference(name="whole-layer offload",
+                  predicted={**toy_metrics({"cache.capacity_experts": 4, "prefetch.depth": 0}),
+                             "decode_tokens_per_s": 6.5}),
+        Reference(name="default config", predicted=toy_metrics({})),
     ]
     directions = [d.name.lower() for d in study.directions]
     objectives = ["decode_tokens_per_s", "quality_loss"][:len(directions)]
-    tuning = {
-        "version": 1, "created_at": "2026-11-29T21:00:00+00:00", "tool_version": "0.1.0",
-        "model": {"name": MODEL, "architecture": "qwen3_moe", "fingerprint": spec.fingerprint,
-                  "num_moe_layers": L, "num_experts": E, "top_k": K, "bytes_per_expert": BYTES_PER_EXPERT},
-        "budget": {"text": "300MB", "bytes": BUDGET_BYTES, "plan": plan.as_dict(),
-                   "terms": [[k, int(v)] for k, v in plan.terms()]},
-        "hardware": HARDWARE,
-        "routing": {"kind": "synthetic" if synthetic else "real",
-                    "note": SYNTHETIC_NOTE if synthetic else "real routing recorded from the router"},
-        "profile_dir": "profile",
-        "study": {"name": study_name, "storage": storage, "n_trials": n_trials,
-                  "objectives": objectives, "directions": directions, "seed": 0,
-                  "search_space": SEARCH_SPACE},
-        "quality": {"metric": "dropped_mass", "cap": cap,
-                    "table": [{"threshold": t, "perplexity": 12.0 * (1 + (1 - t) * 0.1),
-                               "perplexity_change": (1 - t) * 0.1, "kl": (1 - t) * 0.05,
-                               "dropped_mass": (1 - t) * 0.06} for t in (1.0, 0.9, 0.8, 0.7)]
-                    if quality_table else None},
-        "chosen": {"trial": best.number, "params": best.params, "predicted": predicted,
-                   "rule": "fastest feasible trial within the quality cap"},
-        "references": refs,
-        "pareto": [{"trial": t.number, "values": list(t.values), "params": t.params}
-                   for t in study.best_trials] if multi_objective else [],
-        "validation": ([{"label": "chosen", "trial": best.number, "params": best.params,
-                         "predicted": predicted, "measured": measured,
-                         "error": {k: (measured[k] - predicted[k]) / predicted[k]
-                                   for k in predicted if predicted[k]}}]
-                       if validated else
-                       [{"label": "chosen", "trial": best.number, "params": best.params,
-                         "predicted": predicted, "measured": None, "error": None}]),
-        "validation_note": "validated on NVIDIA H200" if validated
-        else "no GPU here: predictions not validated",
-        "timings_s": {"profile": 1.2, "study": 3.4, "validate": 0.0, "report": 0.0},
-        "run_command": f"ef-run --config {(root / 'config.yaml').resolve()}",
-    }
-    (root / "tuning.json").write_text(json.dumps(tuning, indent=1), encoding="utf-8")
+    table = [{"threshold": t, "perplexity": 12.0 * (1 + (1 - t) * 0.1), "perplexity_change": (1 - t) * 0.1,
+              "kl": (1 - t) * 0.05, "dropped_mass": (1 - t) * 0.06} for t in (1.0, 0.9, 0.8, 0.7)]
+    chosen_validation = Validation(
+        label="chosen", trial=best.number, params=best.params, predicted=predicted,
+        measured=measured if validated else None,
+        error={k: (measured[k] - predicted[k]) / predicted[k] for k in predicted if predicted[k]}
+        if validated else None)
+    record = TuningRecord(
+        created_at="2026-11-29T21:00:00+00:00", tool_version="0.1.0",
+        model=ModelInfo(name=MODEL, architecture="qwen3_moe", fingerprint=spec.fingerprint,
+                        num_moe_layers=L, num_experts=E, top_k=K, bytes_per_expert=BYTES_PER_EXPERT),
+        budget=BudgetInfo(text="300MB", bytes=BUDGET_BYTES, plan=plan.as_dict(),
+                          terms=[(k, int(v)) for k, v in plan.terms()]),
+        hardware=HardwareInfo(**HARDWARE),
+        routing=RoutingInfo(kind="synthetic" if synthetic else "real",
+                            note=SYNTHETIC_NOTE if synthetic else "real routing recorded from the router"),
+        profile_dir="profile",
+        study=StudyInfo(name=study_name, storage=storage, n_trials=n_trials, objectives=objectives,
+                        directions=directions, seed=0, search_space=SEARCH_SPACE),
+        quality=QualityInfo(metric="dropped_mass", cap=cap, table=table if quality_table else None),
+        chosen=ChosenInfo(trial=best.number, params=best.params, predicted=predicted,
+                          rule="fastest feasible trial within the quality cap"),
+        references=refs,
+        pareto=[ParetoPoint(trial=t.number, values=list(t.values), params=t.params)
+                for t in study.best_trials] if multi_objective else [],
+        validation=[chosen_validation],
+        validation_note="validated on NVIDIA H200" if validated else "no GPU here: predictions not validated",
+        timings_s={"profile": 1.2, "study": 3.4, "validate": 0.0, "report": 0.0},
+        run_command=f"ef-run --config {(root / 'config.yaml').resolve()}",
+    )
+    record.save(root)
     return root
 
 
@@ -267,11 +274,11 @@ def output_copy(output_folder, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def loaded(output_folder):
-    """(tuning dict, Profile, study, trials, config text) of `output_folder`."""
+    """(TuningRecord, Profile, study, trials, config text) of `output_folder`."""
     from reports import data
     from tuner.profile import Profile
 
-    tuning = json.loads((output_folder / "tuning.json").read_text())
+    tuning = TuningRecord.load(output_folder)
     profile = Profile.load(output_folder / "profile")
     study, note = data.load_study(tuning, output_folder)
     assert study is not None, note

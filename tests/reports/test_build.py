@@ -13,6 +13,7 @@ from expertflow.errors import EXIT_DATA, DataError
 from reports import data, figures
 from reports.build import build_report, load_output
 from efcli.report import main as report_main
+from tuner.records import TuningRecord
 
 FIGURE_IDS = ["activation_heatmap", "frequency_distribution", "transfer", "kernel", "predictor",
               "history", "importances", "pareto", "parallel_coordinates", "memory", "validation"]
@@ -49,8 +50,8 @@ def test_report_has_every_section_and_figure(report_html, output_folder):
     for fig in FIGURE_IDS:
         assert f'id="plot-{fig}"' in report_html, fig
     assert 'id="synthetic-banner"' in report_html and "SYNTHETIC routing" in report_html
-    tuning = json.loads((output_folder / "tuning.json").read_text())
-    assert f'<pre id="run-command">{tuning["run_command"]}</pre>' in report_html
+    tuning = TuningRecord.load(output_folder)
+    assert f'<pre id="run-command">{tuning.run_command}</pre>' in report_html
     assert 'data-target="config-yaml"' in report_html and 'data-target="run-command"' in report_html
     assert "navigator.clipboard" in report_html and 'execCommand("copy")' in report_html
     shown = re.search(r'<pre class="yaml" id="config-yaml">(.*?)</pre>', report_html, re.S).group(1)
@@ -72,9 +73,9 @@ def test_missing_optional_parts_are_sentences(sparse_folder, tmp_path):
 
 
 def test_unreadable_study_and_missing_profile_still_render(output_copy, tmp_path):
-    t = json.loads((output_copy / "tuning.json").read_text())
-    t["study"]["storage"] = f"sqlite:///{tmp_path / 'nowhere' / 'x.sqlite3'}"
-    (output_copy / "tuning.json").write_text(json.dumps(t))
+    t = TuningRecord.load(output_copy)
+    t.study.storage = f"sqlite:///{tmp_path / 'nowhere' / 'x.sqlite3'}"
+    t.save(output_copy)
     (output_copy / "study.sqlite3").unlink()
     import shutil
 
@@ -91,18 +92,26 @@ def test_unreadable_study_and_missing_profile_still_render(output_copy, tmp_path
     ("empty", "has no tuning.json"),
     ("corrupt", "is corrupt"),
     ("version", "has version 7"),
-    ("truncated", "lacks ['chosen']"),
+    ("truncated", "is not a tuning record (chosen: Field required; 1 problem(s) in all)"),
+    ("stub", "is not a tuning record (created_at: Field required;"),
+    ("renamed", "is not a tuning record (chosen.predicted: Field required; 2 problem(s) in all)"),
 ])
-def test_bad_folder_is_one_line_data_error(tmp_path, capsys, breakage, expected):
+def test_bad_folder_is_one_line_data_error(output_folder, tmp_path, capsys, breakage, expected):
     d = tmp_path / "out"
     if breakage != "nofolder":
         d.mkdir()
+    good = json.loads((output_folder / "tuning.json").read_text())  # raw on purpose: broken below
     if breakage == "corrupt":
         (d / "tuning.json").write_text("{not json")
     elif breakage == "version":
         (d / "tuning.json").write_text(json.dumps({"version": 7}))
-    elif breakage == "truncated":
+    elif breakage == "truncated":  # a whole record but for one part
+        (d / "tuning.json").write_text(json.dumps({k: v for k, v in good.items() if k != "chosen"}))
+    elif breakage == "stub":
         (d / "tuning.json").write_text(json.dumps({"version": 1, "model": {}, "budget": {}}))
+    elif breakage == "renamed":  # a field renamed by a writer the reader does not know
+        good["chosen"]["prediction"] = good["chosen"].pop("predicted")
+        (d / "tuning.json").write_text(json.dumps(good))
     with pytest.raises(DataError, match=re.escape(expected)):
         build_report(d)
     assert report_main([str(d)]) == EXIT_DATA
@@ -128,7 +137,7 @@ def test_every_figure_draws_from_its_data(output_folder):
     inputs = {
         "activation_heatmap": data.activation_heatmap_data(p),
         "frequency_distribution": data.frequency_distribution_data(p, data.slots_per_layer(cfg)),
-        "transfer": data.transfer_data(p, t["model"]["bytes_per_expert"]),
+        "transfer": data.transfer_data(p, t.model.bytes_per_expert),
         "kernel": data.kernel_data(p), "predictor": data.predictor_data(p),
         "history": data.history_data(t, trials, run.study),
         "importances": data.importance_data(t, run.study),

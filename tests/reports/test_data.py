@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from reports import data
+from tuner.records import BudgetInfo, RoutingInfo
 
 
 @pytest.fixture
 def tuning(loaded):
-    return copy.deepcopy(loaded["tuning"])
+    return loaded["tuning"].model_copy(deep=True)
 
 
 # ---- metrics ----------------------------------------------------------------------------------
@@ -35,15 +36,15 @@ def test_summary_puts_chosen_measured_and_references_side_by_side(tuning):
     kinds = [r["kind"] for r in s["rows"]]
     assert kinds == ["chosen", "measured", "reference", "reference", "reference", "reference"]
     chosen, measured = s["rows"][0], s["rows"][1]
-    assert f"trial {tuning['chosen']['trial']}" in chosen["name"]
-    speed = tuning["chosen"]["predicted"]["decode_tokens_per_s"]
+    assert f"trial {tuning.chosen.trial}" in chosen["name"]
+    speed = tuning.chosen.predicted["decode_tokens_per_s"]
     assert chosen["values"]["decode_tokens_per_s"] == pytest.approx(speed)
     assert measured["values"]["decode_tokens_per_s"] == pytest.approx(speed * 0.93)
     on_gpu = s["rows"][2]
     assert on_gpu["feasible"] is False and "needs" in on_gpu["reason"]
     assert all(v is None for v in on_gpu["values"].values())
     lru = s["rows"][3]
-    ref_speed = tuning["references"][1]["predicted"]["decode_tokens_per_s"]
+    ref_speed = tuning.references[1].predicted["decode_tokens_per_s"]
     assert lru["chosen_speedup"] == pytest.approx(speed / ref_speed)
     assert lru["cells"]["hit_rate"].endswith("%") and lru["cells"]["prefill_ms"].endswith("ms")
 
@@ -57,10 +58,10 @@ def test_verdict_flags_what_an_engineer_must_know(tuning):
     text = " ".join(c["text"] for c in data.verdict_data(tuning))
     assert "7.0% below the prediction" in text and "as fast as 'plain LRU, no prefetch'" in text
 
-    tuning["chosen"]["predicted"]["peak_gpu_bytes"] = tuning["budget"]["bytes"] + 1
-    tuning["chosen"]["predicted"]["quality_loss"] = 0.05
-    tuning["validation"] = []
-    tuning["routing"]["kind"] = "real"
+    tuning.chosen.predicted["peak_gpu_bytes"] = tuning.budget.bytes + 1
+    tuning.chosen.predicted["quality_loss"] = 0.05
+    tuning.validation = []
+    tuning.routing.kind = "real"
     checks = data.verdict_data(tuning)
     by_word = {c["text"].split(" ")[0]: c for c in checks}
     assert by_word["Exceeds"]["level"] == "bad"
@@ -70,7 +71,7 @@ def test_verdict_flags_what_an_engineer_must_know(tuning):
 
 
 def test_verdict_warns_when_a_reference_is_faster(tuning):
-    tuning["references"][1]["predicted"]["decode_tokens_per_s"] = 1e6
+    tuning.references[1].predicted["decode_tokens_per_s"] = 1e6
     speed = next(c for c in data.verdict_data(tuning) if c["text"].startswith("Predicted"))
     assert speed["level"] == "warn" and "plain LRU, no prefetch" in speed["text"]
 
@@ -96,8 +97,8 @@ def test_environment_says_synthetic_routing_prominently(tuning, loaded):
     assert "2.11.0+cu130" in rows["torch / transformers"]
     assert env["synthetic"] is True and "SYNTHETIC" in env["notices"][0]
     assert any("bundled" in n for n in env["notices"])
-    tuning["routing"] = {"kind": "real", "note": "recorded from the router"}
-    tuning["hardware"]["source"] = "measured"
+    tuning.routing = RoutingInfo(kind="real", note="recorded from the router")
+    tuning.hardware.source = "measured"
     env = data.environment_data(tuning, None)
     assert env["synthetic"] is False and env["notices"] == []
 
@@ -183,7 +184,7 @@ def test_importances_per_objective(loaded):
     imp = data.importance_data(loaded["tuning"], loaded["study"])
     assert imp["evaluator"] == "PED-ANOVA"
     assert [o["name"] for o in imp["objectives"]] == ["decode_tokens_per_s", "quality_loss"]
-    space = set(loaded["tuning"]["study"]["search_space"])
+    space = set(loaded["tuning"].study.search_space)
     for o in imp["objectives"]:
         assert set(o["params"]) == space
         assert o["importance"] == sorted(o["importance"], reverse=True)
@@ -226,15 +227,15 @@ def test_pareto_data_marks_front_and_chosen(loaded):
         assert not any(tr["values"][0] >= x and tr["values"][1] <= y and
                        (tr["values"][0] > x or tr["values"][1] < y) for tr in feas)
     assert set(d["front"]["trial"]).isdisjoint(d["infeasible"]["trial"])
-    assert d["chosen"]["trial"] == [t["chosen"]["trial"]]
+    assert d["chosen"]["trial"] == [t.chosen.trial]
     assert d["cap"] == pytest.approx(0.02)
     # Without the study: the Pareto list of tuning.json.
     d2 = data.pareto_data(t, [], None)
-    assert sorted(d2["front"]["trial"]) == sorted(p["trial"] for p in t["pareto"])
+    assert sorted(d2["front"]["trial"]) == sorted(p.trial for p in t.pareto)
 
 
 def test_pareto_none_for_single_objective(tuning):
-    tuning["study"]["objectives"] = ["decode_tokens_per_s"]
+    tuning.study.objectives = ["decode_tokens_per_s"]
     trials = [{"number": 0, "values": [1.0], "params": {}, "feasible": True}]
     assert data.pareto_data(tuning, trials) is None
 
@@ -243,7 +244,7 @@ def test_parallel_coordinates_axes(loaded):
     t = loaded["tuning"]
     d = data.parallel_coordinates_data(t, loaded["trials"])
     names = [a["name"] for a in d["axes"]]
-    assert names[:4] == list(t["study"]["search_space"])
+    assert names[:4] == list(t.study.search_space)
     assert names[4:] == ["decode speed (tokens/s)", "quality loss (%)"]
     n = sum(tr["feasible"] for tr in loaded["trials"])
     for a in d["axes"]:
@@ -262,8 +263,10 @@ def test_memory_terms_add_up_to_the_budget(loaded):
     assert d["sum_bytes"] == pytest.approx(d["budget_bytes"])
     assert d["unit"] == "MiB" and d["budget_value"] == pytest.approx(300e6 / 2**20)
     assert [t["label"] for t in d["terms"]][-2:] == ["expert cache", "unused"]
-    assert d["peak_value"] == pytest.approx(loaded["tuning"]["chosen"]["predicted"]["peak_gpu_bytes"] / 2**20)
-    assert data.memory_data({"budget": {}}) is None
+    assert d["peak_value"] == pytest.approx(loaded["tuning"].chosen.predicted["peak_gpu_bytes"] / 2**20)
+    t = loaded["tuning"]
+    no_terms = BudgetInfo(text=t.budget.text, bytes=t.budget.bytes, plan=t.budget.plan, terms=[])
+    assert data.memory_data(t.model_copy(update={"budget": no_terms})) is None
 
 
 def test_quality_table(tuning):
@@ -272,7 +275,7 @@ def test_quality_table(tuning):
     last = q["rows"][-1]
     assert last["cells"]["perplexity_change"] == "3"  # shown in %
     assert last["values"]["perplexity_change"] == pytest.approx(0.03)
-    tuning["quality"]["table"] = None
+    tuning.quality.table = None
     assert data.quality_data(tuning) is None
 
 
@@ -281,33 +284,33 @@ def test_validation_data(tuning):
     speed = next(r for r in v["rows"] if r["metric"] == "decode_tokens_per_s")
     assert speed["error"] == pytest.approx(-0.07) and speed["measured_text"].endswith("tokens/s")
     assert v["labels"] == ["chosen"] and v["speed_error"][0] == pytest.approx(-0.07)
-    tuning["validation"][0]["error"] = None  # computed from the numbers when missing
+    tuning.validation[0].error = None  # computed from the numbers when missing
     assert next(r for r in data.validation_data(tuning)["rows"]
                 if r["metric"] == "decode_tokens_per_s")["error"] == pytest.approx(-0.07)
-    tuning["validation"][0]["measured"] = None
+    tuning.validation[0].measured = None
     assert data.validation_data(tuning) is None
 
 
 def test_config_data_and_run_command(loaded, tmp_path):
     c = data.config_data(loaded["tuning"], loaded["config_text"], loaded["dir"])
-    assert c["run_command"] == loaded["tuning"]["run_command"]
+    assert c["run_command"] == loaded["tuning"].run_command
     assert c["run_command"].startswith("ef-run --config ") and c["yaml"] == loaded["config_text"]
     assert c["config"]["model"]["name"] == "tiny-qwen3-moe"
-    t = dict(loaded["tuning"], run_command=None)
+    t = loaded["tuning"].model_copy(update={"run_command": ""})  # not recorded
     c = data.config_data(t, None, tmp_path)
     assert c["run_command"] == f"ef-run --config {tmp_path.resolve() / 'config.yaml'}"
     assert c["config"] is None and c["description"] == []
     assert data.config_data(t, "a: [unclosed", tmp_path)["config"] is None  # bad YAML: text only
     cfg = data.config_data(loaded["tuning"], loaded["config_text"])["config"]
-    cap = loaded["tuning"]["chosen"]["params"]["cache.capacity_experts"]
+    cap = loaded["tuning"].chosen.params["cache.capacity_experts"]
     assert data.slots_per_layer(cfg) == pytest.approx(cap / 4)
     assert data.slots_per_layer(None) is None
 
 
 def test_load_study_never_creates_a_storage(loaded, tmp_path):
-    t = copy.deepcopy(loaded["tuning"])
+    t = loaded["tuning"].model_copy(deep=True)
     missing = tmp_path / "elsewhere" / "gone.sqlite3"
-    t["study"]["storage"] = f"sqlite:///{missing}"
+    t.study.storage = f"sqlite:///{missing}"
     study, note = data.load_study(t, tmp_path)
     assert study is None and "does not exist" in note
     assert not missing.exists() and not missing.parent.exists()
@@ -315,7 +318,7 @@ def test_load_study_never_creates_a_storage(loaded, tmp_path):
     (tmp_path / "gone.sqlite3").write_bytes((loaded["dir"] / "study.sqlite3").read_bytes())
     study, note = data.load_study(t, tmp_path)
     assert study is not None and "moved" in note
-    t["study"]["name"] = "no-such-study"
+    t.study.name = "no-such-study"
     study, note = data.load_study(t, tmp_path)
     assert study is None and "could not be read" in note
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tuner.records import TuningRecord
+
 CAP_SPACE = """version: 1
 params:
   adaptive_k.threshold: {type: float, low: 0.5, high: 1.0, step: 0.1}
@@ -47,15 +49,11 @@ def capped_run(tmp_path_factory) -> Path:
     return out
 
 
-def _tuning(out: Path) -> dict:
-    return json.loads((out / "tuning.json").read_text())
-
-
 def _study(out: Path):
     import optuna
 
-    t = _tuning(out)
-    return optuna.load_study(study_name=t["study"]["name"], storage=t["study"]["storage"])
+    t = TuningRecord.load(out)
+    return optuna.load_study(study_name=t.study.name, storage=t.study.storage)
 
 
 def _figure_json(html: str, fig_id: str) -> dict:
@@ -73,12 +71,12 @@ def test_optuna_reads_objective_names_constraints_and_the_chosen_trial(readme_ru
     from optuna.trial import TrialState
 
     study = _study(readme_run)
-    t = _tuning(readme_run)
-    assert study.metric_names == t["study"]["objectives"] == ["decode_tokens_per_s", "quality_loss"]
+    t = TuningRecord.load(readme_run)
+    assert study.metric_names == t.study.objectives == ["decode_tokens_per_s", "quality_loss"]
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert done and all(set(tr.constraints) >= {"memory_over_budget"} for tr in done)
-    assert study.user_attrs["ef_chosen_trial"] == t["chosen"]["trial"]
-    chosen = next(tr for tr in done if tr.number == t["chosen"]["trial"])
+    assert study.user_attrs["ef_chosen_trial"] == t.chosen.trial
+    chosen = next(tr for tr in done if tr.number == t.chosen.trial)
     assert all(v <= 0 for v in chosen.constraints.values())  # feasible, as Optuna judges it
 
 
@@ -128,14 +126,15 @@ def test_tuning_that_buys_nothing_is_said_in_words(readme_run, capped_run):
     from reports.data import LRU_REFERENCE, NOISE_FRACTION
 
     for out in (readme_run, capped_run):
-        t = _tuning(out)
-        lru = next(r for r in t["references"] if r["name"] == LRU_REFERENCE)
-        ratio = t["chosen"]["predicted"]["decode_tokens_per_s"] / lru["predicted"]["decode_tokens_per_s"]
+        t = TuningRecord.load(out)
+        lru = t.reference(LRU_REFERENCE)
+        assert lru is not None and lru.predicted, f"{out}: no predicted {LRU_REFERENCE!r} reference"
+        ratio = t.chosen.predicted["decode_tokens_per_s"] / lru.predicted["decode_tokens_per_s"]
         html = (out / "report.html").read_text()
         summary = html.split('<section id="summary">')[1].split("</section>")[0]
         if abs(ratio - 1) <= NOISE_FRACTION:
             assert "Tuning buys nothing" in summary and "ExpertFlow chose" not in summary
-            if lru["predicted"]["stall_ms_per_token"] > 0:
+            if lru.predicted["stall_ms_per_token"] > 0:
                 assert "hidden behind host time" in summary
         else:
             assert "Tuning buys nothing" not in summary

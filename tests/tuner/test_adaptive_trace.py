@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tuner.records import AdaptiveTraceCheck
+
 MODEL = "tiny-qwen2-moe"
 
 
@@ -90,7 +92,10 @@ def test_pydocs_rerecorded_trace_differs_after_the_first_layer(pydocs):
 def test_the_report_states_the_count_error():
     from reports.robustness import checks
 
-    (c,) = checks({"adaptive_trace": {"max_count_error": 0.0076}})
+    def check(err):
+        return AdaptiveTraceCheck(finalists=[], max_count_error=err, what="test")
+
+    (c,) = checks(adaptive_trace=check(0.0076))
     assert c["level"] == "ok" and "0.8%" in c["text"] and "re-recorded" in c["text"]
-    assert checks({"adaptive_trace": {"max_count_error": 0.05}})[0]["level"] == "warn"
-    assert checks({}) == []
+    assert checks(adaptive_trace=check(0.05))[0]["level"] == "warn"
+    assert checks() == []

@@ -23,6 +23,7 @@ import pytest
 
 from expertflow.errors import EXIT_INTERRUPTED
 from tuner.coordination import TEST_ASLEEP_ATTR
+from tuner.records import TuningRecord
 
 MODEL = "tiny-qwen2-moe"
 WORKER = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
@@ -151,8 +152,8 @@ def test_three_workers_share_one_postgres_study(tiny, pg_url, tmp_path):
     assert all(last["config_path"] == str(configs[0].resolve()) for _, last, _ in results)
     assert sum(last["trials_run"] for _, last, _ in results) == 60
     assert results[2][1]["trials_run"] > 0  # the late joiner took part
-    tuning = json.loads((configs[0].parent / "tuning.json").read_text())
-    assert tuning["study"]["n_trials"] == 60 and tuning["study"]["storage"].startswith("postgresql")
+    tuning = TuningRecord.load(configs[0].parent)
+    assert tuning.study.n_trials == 60 and tuning.study.storage.startswith("postgresql")
 
     rc, last, err = _finish(_spawn(_args(tiny, tmp_path / "late", *common)))
     assert rc == 0 and last["exported"] is False and last["trials_run"] == 0, err[-2000:]

@@ -7,13 +7,13 @@ and the CLI habits (--version, --help) hold.
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 
 import pytest
 
 from expertflow.errors import EXIT_BUDGET, EXIT_DATA, EXIT_DEVICE, EXIT_STORAGE, EXIT_USAGE
+from tuner.records import TuningRecord
 
 MODEL = "tiny-qwen2-moe"
 
@@ -191,7 +191,7 @@ def test_the_printed_run_command_runs_on_the_tuning_machine(tmp_path, capsys):
     line = next(ln for ln in printed.splitlines() if ln.startswith("run it: "))
     argv = shlex.split(line.removeprefix("run it: "))
     assert argv[0] == "ef-run"
-    assert json.loads((out / "tuning.json").read_text())["run_command"] == line.removeprefix("run it: ")
+    assert TuningRecord.load(out).run_command == line.removeprefix("run it: ")
     assert run_main(argv[1:] + ["--max-new-tokens", "2"]) == 0, capsys.readouterr().err
     if not torch.cuda.is_available():
         # the config itself is for a GPU; run without --device it says so and how to override

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from expertflow.errors import EXIT_BUDGET, EXIT_CONFIG, EXIT_STORAGE, EXIT_USAGE
+from tuner.records import TuningRecord
 
 MODEL = "tiny-qwen2-moe"
 
@@ -79,28 +80,29 @@ def test_output_folder_follows_the_contract(run5):
     from expertflow.config import load_config
 
     out, stdout, _ = run5
-    t = json.loads((out / "tuning.json").read_text())
+    raw = json.loads((out / "tuning.json").read_text())  # the file itself: every part written
     for key in ("version", "created_at", "tool_version", "model", "budget", "hardware", "routing",
                 "profile_dir", "study", "quality", "chosen", "references", "pareto", "validation",
                 "validation_note", "timings_s", "run_command"):
-        assert key in t, key
-    assert t["version"] == 1 and t["study"]["n_trials"] == 5
-    assert t["study"]["storage"].startswith("sqlite:///") and (out / "study.sqlite3").is_file()
-    assert t["study"]["objectives"] == ["decode_tokens_per_s", "quality_loss"]
-    assert [r["name"] for r in t["references"]] == ["all experts on GPU", "plain LRU, no prefetch",
-                                                    "whole-layer offload", "default config"]
-    assert t["references"][0]["feasible"] is False and "budget" in t["references"][0]["reason"]
-    assert sum(v for _, v in t["budget"]["terms"]) == t["budget"]["bytes"]
-    assert t["quality"]["metric"] == "dropped_mass" and t["quality"]["cap"] == 0.02
-    assert t["validation_note"] == "no GPU here: predictions not validated"
-    assert t["chosen"]["predicted"]["quality_loss"] <= 0.02
-    assert t["chosen"]["predicted"]["peak_gpu_bytes"] <= t["budget"]["bytes"]
+        assert key in raw, key
+    t = TuningRecord.load(out)  # ... and a tuning record
+    assert t.version == 1 and t.study.n_trials == 5
+    assert t.study.storage.startswith("sqlite:///") and (out / "study.sqlite3").is_file()
+    assert t.study.objectives == ["decode_tokens_per_s", "quality_loss"]
+    assert [r.name for r in t.references] == ["all experts on GPU", "plain LRU, no prefetch",
+                                              "whole-layer offload", "default config"]
+    assert t.references[0].feasible is False and "budget" in t.references[0].reason
+    assert sum(v for _, v in t.budget.terms) == t.budget.bytes
+    assert t.quality.metric == "dropped_mass" and t.quality.cap == 0.02
+    assert t.validation_note == "no GPU here: predictions not validated"
+    assert t.chosen.predicted["quality_loss"] <= 0.02
+    assert t.chosen.predicted["peak_gpu_bytes"] <= t.budget.bytes
     config = load_config(out / "config.yaml")
     p = config.provenance
-    assert p.trial_number == t["chosen"]["trial"] and p.study_name == t["study"]["name"]
+    assert p.trial_number == t.chosen.trial and p.study_name == t.study.name
     assert p.routing == "synthetic" and p.hardware_source == "bundled:h200" and p.profile_id
-    assert p.predicted["decode_tokens_per_s"] == pytest.approx(t["chosen"]["predicted"]["decode_tokens_per_s"])
-    for key, value in t["chosen"]["params"].items():
+    assert p.predicted["decode_tokens_per_s"] == pytest.approx(t.chosen.predicted["decode_tokens_per_s"])
+    for key, value in t.chosen.params.items():
         assert config.get(key) == value
     assert config.cache.capacity_experts <= 20
 
@@ -126,8 +128,8 @@ def test_resume_continues_without_reenqueueing_and_a_rerun_without_it_is_refused
     assert rc == EXIT_STORAGE and "--resume" in err and len(err.strip().splitlines()) == 1
     rc, stdout, _ = _tune(capsys, tiny, out, "--trials", "5", "--resume", "--no-report")
     assert rc == 0
-    t = json.loads((out / "tuning.json").read_text())
-    study = optuna.load_study(study_name=t["study"]["name"], storage=t["study"]["storage"])
+    t = TuningRecord.load(out)
+    study = optuna.load_study(study_name=t.study.name, storage=t.study.storage)
     assert len(study.trials) == 5
     assert [x.user_attrs.get("baseline") for x in study.trials].count(None) == 3
 
@@ -234,9 +236,9 @@ def test_without_a_profile_the_profiler_runs_and_says_where_timing_came_from(tin
     rc, stdout, err = _tune(capsys, (None, tiny[1]), out, "--trials", "3", "--no-report")
     assert rc == 0, err
     assert Profile.load(out / "profile").fingerprint
-    t = json.loads((out / "tuning.json").read_text())
-    assert t["profile_dir"] == "profile"
-    assert t["hardware"]["source"] == "measured"
+    t = TuningRecord.load(out)
+    assert t.profile_dir == "profile"
+    assert t.hardware.source == "measured"
     import torch
 
     if not torch.cuda.is_available():  # no tiny-* entry in the bundled h200 tables: this CPU

@@ -10,6 +10,8 @@ import json
 import numpy as np
 import pytest
 
+from tuner.records import TuningRecord
+
 MODEL = "tiny-qwen2-moe"
 
 
@@ -45,8 +47,8 @@ def test_synthetic_routing_exports_no_priors_and_never_searches_static(synthetic
     config = load_config(out / "config.yaml")
     assert config.provenance.routing == "synthetic"
     assert config.cache.priors is None and config.cache.policy != "static"
-    t = json.loads((out / "tuning.json").read_text())
-    study = optuna.load_study(study_name=t["study"]["name"], storage=t["study"]["storage"])
+    t = TuningRecord.load(out)
+    study = optuna.load_study(study_name=t.study.name, storage=t.study.storage)
     assert all(tr.params.get("cache.policy") != "static" for tr in study.trials)
     assert all(tr.params.get("cache.allocation", "uniform") == "uniform" for tr in study.trials)
     assert "carries no cache.priors" in err
@@ -67,12 +69,12 @@ def test_real_routing_keeps_the_profile_priors(tmp_path):
 
 def test_synthetic_run_reports_the_sensitivity_band(synthetic_run):
     out, _, err = synthetic_run
-    t = json.loads((out / "tuning.json").read_text())
-    s = t["sensitivity"]
-    assert [b["label"] for b in s["settings"]] == ["preset", "more local", "less local", "much less local"]
-    assert s["chosen"] == t["chosen"]["trial"] and t["chosen"]["rule"] == s["rule"]
-    row = next(r for r in s["finalists"] if r["trial"] == s["chosen"])
-    assert row["speeds"][0] == pytest.approx(t["chosen"]["predicted"]["decode_tokens_per_s"], rel=1e-6)
+    t = TuningRecord.load(out)
+    s = t.sensitivity
+    assert [b.label for b in s.settings] == ["preset", "more local", "less local", "much less local"]
+    assert s.chosen == t.chosen.trial and t.chosen.rule == s.rule
+    row = next(r for r in s.finalists if r.trial == s.chosen)
+    assert row.speeds[0] == pytest.approx(t.chosen.predicted["decode_tokens_per_s"], rel=1e-6)
     assert "sensitivity band (synthetic routing" in err
     html = (out / "report.html").read_text()
     assert 'id="sensitivity"' in html and "Sensitivity to routing locality" in html
@@ -138,8 +140,7 @@ def test_noisy_timing_is_said_in_the_output_tuning_json_and_report(tmp_path):
     out, last, err = _tune(tmp_path, prof, trials=3)
     assert "WARNING: timing too noisy to rank configs (the per-layer decode time is uncertain by 80%" in err
     assert last["timing_noisy"] is True
-    t = json.loads((out / "tuning.json").read_text())
-    assert t["timing_noise"]["noisy"] is True
+    assert TuningRecord.load(out).timing_noise.noisy is True
     html = (out / "report.html").read_text()
     assert "Timing too noisy to rank configs" in html
 
@@ -147,4 +148,4 @@ def test_noisy_timing_is_said_in_the_output_tuning_json_and_report(tmp_path):
 def test_quiet_or_unassessed_timing_says_nothing_alarming(synthetic_run):
     out, last, err = synthetic_run
     assert last["timing_noisy"] is False and "too noisy" not in err
-    assert json.loads((out / "tuning.json").read_text())["timing_noise"] is None  # bundled tables
+    assert TuningRecord.load(out).timing_noise is None  # bundled tables
