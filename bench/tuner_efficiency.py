@@ -10,6 +10,10 @@ from ../shared/anchors.md, said in the output), for each budget:
     cache.capacity_experts {budget/2, budget} (more slots never hurt; two sizes show it)
     cache.scope x cache.allocation: per_layer/uniform, per_layer/demand, pooled
     cache.policy         lru, lfu, static, expertflow (expertflow's weights at their defaults)
+  and, for the executor the costs describe (ef-tune's engine_space):
+    graph engine (the bundled h200 tables with engine timing, the default):
+    cache.read_through_slots 0..2 (no prefetch: misses are read zero-copy in the step)
+    eager runtime (--eager, or costs without engine timing):
     prefetch.depth       0..4          prefetch.width  {top_k/2, top_k}
     prefetch.adaptive    false/true    (min_precision at its default)
 * the exhaustive grid is simulated in --jobs processes; the TPE study (ef-tune's own sampler,
@@ -56,7 +60,7 @@ def _init(ctx):
     _CTX = ctx
 
 
-def coarse_space(symbols: dict, cap_thresholds=(0.8, 1.0)):
+def coarse_space(symbols: dict, cap_thresholds=(0.8, 1.0), engine: bool = True):
     from tuner.search_space import parse_space
 
     budget, k = symbols["budget"], symbols["top_k"]
@@ -68,10 +72,14 @@ def coarse_space(symbols: dict, cap_thresholds=(0.8, 1.0)):
         "cache.allocation": {"type": "categorical", "choices": ["uniform", "demand"],
                              "when": {"cache.scope": "per_layer"}},
         "cache.policy": {"type": "categorical", "choices": ["lru", "lfu", "static", "expertflow"]},
-        "prefetch.depth": {"type": "int", "low": 0, "high": min(4, symbols["lookahead"])},
-        "prefetch.width": {"type": "int", "low": max(1, k // 2), "high": k, "step": max(1, k - k // 2)},
-        "prefetch.adaptive": {"type": "bool"},
     }
+    if engine:
+        params["cache.read_through_slots"] = {"type": "int", "low": 0, "high": 2}
+    else:
+        params.update({
+            "prefetch.depth": {"type": "int", "low": 0, "high": min(4, symbols["lookahead"])},
+            "prefetch.width": {"type": "int", "low": max(1, k // 2), "high": k, "step": max(1, k - k // 2)},
+            "prefetch.adaptive": {"type": "bool"}})
     return parse_space({"version": 1, "params": params}, "bench coarse space").resolve(symbols)
 
 
@@ -88,7 +96,7 @@ def grid_points(space) -> list[dict]:
     return out
 
 
-def build_context(budget: str, decode_tokens: int, cap: float, seed: int = 0):
+def build_context(budget: str, decode_tokens: int, cap: float, seed: int = 0, eager: bool = False):
     from expertflow.budget import plan_memory
     from expertflow.config import default_config
     from expertflow.registry import resolve_model
@@ -108,13 +116,14 @@ def build_context(budget: str, decode_tokens: int, cap: float, seed: int = 0):
 
     priors = np.zeros((trace.num_layers, trace.num_experts))
     priors[acts["layer"].to_numpy(int), acts["expert"].to_numpy(int)] = acts["frequency"].to_numpy(float)
-    base = default_config(spec, plan, priors=priors, routing="synthetic")
+    base = default_config(spec, plan, priors=priors, routing="synthetic",
+                          **({"device": "cpu"} if eager or costs.engine is None else {}))
     base = base.with_values({"prefetch.bandwidth_gbps": plan.bytes_per_expert / (costs.copy_ms * 1e6),
                              "prefetch.layer_time_ms": costs.host_layer_ms})
     symbols = {"budget": min(plan.capacity_experts, plan.total_experts), "layers": spec.num_moe_layers,
                "experts": spec.num_experts, "total": plan.total_experts, "top_k": spec.top_k,
                "lookahead": trace.lookahead}
-    space = coarse_space(symbols)
+    space = coarse_space(symbols, engine=not eager and costs.engine is not None)
     ctx = StudyContext(trace, costs, base, space, quality_cap=cap, max_decode_tokens=decode_tokens)
     return ctx, plan, symbols, source, trace
 
@@ -123,11 +132,11 @@ def _costs(spec, plan):
     from tuner.simulator import Costs
 
     try:
-        from tuner.profile import Profile
+        from tuner.profile import TimingTables
         from tuner.profiler.bundled import load_bundled
 
         _, tables = load_bundled("h200", spec)
-        prof = Profile(meta={"profile_id": "bundled"}, trace=None, tables=tables)
+        prof = TimingTables(tables, name="the bundled h200 tables")
         return Costs.from_profile(prof, plan.bytes_per_expert, spec.num_layers), "bundled:h200"
     except Exception as exc:  # noqa: BLE001 - no bundle here: built-in numbers, said so
         # anchors.md: one 17.3 MB expert over PCIe 0.33 ms; SwiGLU expert 0.10-0.16 ms (1-256
@@ -147,12 +156,14 @@ def run_budget(budget: str, args) -> dict:
     from tuner.study import baseline_values, run_study
     from tuner.trials import completed_trials
 
-    ctx, plan, symbols, source, trace = build_context(budget, args.decode_tokens, args.cap)
+    ctx, plan, symbols, source, trace = build_context(budget, args.decode_tokens, args.cap, eager=args.eager)
     points = grid_points(ctx.space)
     print(f"\n== qwen2-moe, budget {budget}: {plan.capacity_experts} of {plan.total_experts} expert slots; "
           f"trace {trace.num_tokens} tokens ({len(set(trace.seq.tolist()))} sequences), slice "
           f"{args.decode_tokens} decode tokens; costs: {source}", flush=True)
-    print(f"coarse grid: {len(points)} configs (space: {json.dumps(ctx.space.as_dict())})", flush=True)
+    executor = "eager runtime" if ctx.base_config.runtime.device == "cpu" else "graph engine"
+    print(f"coarse grid on the {executor}'s timeline: {len(points)} configs (space: "
+          f"{json.dumps(ctx.space.as_dict())})", flush=True)
     t0 = time.perf_counter()
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with mp.get_context(method).Pool(args.jobs, initializer=_init, initargs=(ctx,)) as pool:
@@ -206,6 +217,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--decode-tokens", type=int, default=128, help="trace slice (ef-tune's study slice)")
     ap.add_argument("--cap", type=float, default=0.02, help="quality cap (dropped gate mass)")
+    ap.add_argument("--eager", action="store_true",
+                    help="the eager runtime's space and timeline (prefetch) instead of the graph engine's")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     import logging
