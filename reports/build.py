@@ -19,6 +19,7 @@ import string
 from pathlib import Path
 
 from expertflow.config import describe_hardware
+from expertflow.errors import OutputError
 from expertflow.fsutil import atomic_write_text
 
 from . import data, sections
@@ -80,8 +81,6 @@ REPORT_MARK = "ExpertFlow tuning report"
 def check_report_target(path: str | os.PathLike, *, force: bool = False) -> None:
     """OutputError unless `path` is new or an ExpertFlow report (what ef-report may replace):
     a folder, or a file of other content, is refused (the latter unless `force`)."""
-    from expertflow.errors import OutputError
-
     target = Path(path)
     if target.is_dir():
         raise OutputError(f"--out {str(target)!r} is a folder; pass the report's file path, e.g. "

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from expertflow.budget import format_bytes
+from tuner.profiler import cite_measurements
 from tuner.records import TuningRecord
 
 from .metrics import (  # noqa: F401
@@ -112,19 +113,15 @@ def describe_config(config: dict | None) -> list[str]:
 # ---- environment ------------------------------------------------------------------------------
 def _cite(text: str) -> str:
     """Notes written before the citation fix say "(anchors.md)": cite the measurements instead."""
-    try:
-        from tuner.profiler import cite_measurements
-    except ImportError:  # pragma: no cover - the profiler is optional in a source checkout
-        return str(text).replace("(anchors.md)", "(published routing measurements)")
     return cite_measurements(text)
 
 
 def environment_data(rec: TuningRecord, profile=None) -> dict:
     """Hardware, versions, provenance rows, and the routing/timing notices."""
     hw, model, routing = rec.hardware, rec.model, rec.routing
-    pmeta = getattr(profile, "meta", None) or {}
-    phw = pmeta.get("hardware") or {}
-    timing = pmeta.get("timing") or {}
+    pmeta = profile.meta if profile is not None else None
+    phw = pmeta.hardware if pmeta is not None else {}
+    timing = pmeta.timing if pmeta is not None else None
     gen, width = hw.pcie_generation, hw.pcie_width
     source = str(hw.source or phw.get("source") or "unknown")
     rows = [
@@ -140,11 +137,11 @@ def environment_data(rec: TuningRecord, profile=None) -> dict:
         ("torch / transformers", f"{hw.torch_version or '—'} / {hw.transformers_version or '—'}"),
         ("hardware numbers", "measured on this machine" if source == "measured" else
          f"{source} (a bundled profile, not measured on this machine)"),
-        ("timing", str(timing.get("note") or timing.get("kind") or "—")),
+        ("timing", str((timing.note or timing.kind) if timing is not None else "—")),
         ("routing", f"{routing.kind} ({_cite(routing.note or 'no note')})"),
         ("host CPU", str(phw.get("host_cpu") or "—")),
         ("model fingerprint", str(model.fingerprint or "—")),
-        ("profile", str(pmeta.get("profile_id") or rec.profile_dir or "—")),
+        ("profile", str(pmeta.profile_id if pmeta is not None else rec.profile_dir or "—")),
         ("ExpertFlow", f"{rec.tool_version}, run {rec.created_at}"),
     ]
     if rec.timings_s:

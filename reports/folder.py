@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from expertflow.errors import DataError
+from tuner.profile import Profile
 from tuner.records import TuningRecord
 
 from . import data
@@ -40,8 +41,6 @@ def load_output(out_dir: str | os.PathLike) -> OutputFolder:
     pdir = Path(run.tuning.profile_dir or "profile")
     pdir = pdir if pdir.is_absolute() else d / pdir
     if pdir.is_dir():
-        from tuner.profile import Profile
-
         try:
             run.profile = Profile.load(pdir)
         except DataError as exc:

@@ -90,8 +90,7 @@ def kernel_data(profile) -> dict | None:
                        "median_ms": t["median_ms"].astype(float).tolist(),
                        "p10_ms": t["p10_ms"].astype(float).tolist(),
                        "p90_ms": t["p90_ms"].astype(float).tolist()})
-    timing = (getattr(profile, "meta", {}) or {}).get("timing") or {}
-    return {"series": series, "timing_kind": timing.get("kind")}
+    return {"series": series, "timing_kind": profile.meta.timing.kind}
 
 
 def predictor_data(profile) -> dict | None:

@@ -43,7 +43,7 @@ def _figure(fig_id: str, title: str, fig_data: Any, caption: str, missing: str) 
         return f"<h3>{esc(title)}</h3>" + _missing(missing)
     import plotly.io as pio
 
-    from . import figures
+    from . import figures  # noqa: PLC0415 - plotly, only when a page is drawn
 
     fig = figures.FIGURES[fig_id](fig_data)
     div = pio.to_html(fig, full_html=False, include_plotlyjs=False, config=PLOT_CONFIG,
@@ -121,7 +121,7 @@ def profile(run: OutputFolder, cfg: dict) -> str:
     heat = data.activation_heatmap_data(p)
     slots = data.slots_per_layer(cfg)
     freq = data.frequency_distribution_data(p, slots)
-    bpe = t.model.bytes_per_expert or (p.meta.get("model") or {}).get("bytes_per_expert")
+    bpe = t.model.bytes_per_expert or p.meta.model.bytes_per_expert
     tr = data.transfer_data(p, bpe)
     kern = data.kernel_data(p)
     pred = data.predictor_data(p)

@@ -251,3 +251,33 @@ def test_report_builds_without_torch(tmp_path):
         assert path.is_file()
         print("modules:", sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
     ''', tmp_path)
+
+
+def _function_level_imports() -> list[tuple[str, int, str]]:
+    """(file, line, source line) of every import of the project's own modules inside a function."""
+    out = []
+    for path in _modules().values():
+        src = path.read_text(encoding="utf-8")
+        lines = src.splitlines()
+        for fn in ast.walk(ast.parse(src)):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom):
+                    own = node.level > 0 or (node.module or "").split(".")[0] in PACKAGES
+                elif isinstance(node, ast.Import):
+                    own = any(a.name.split(".")[0] in PACKAGES for a in node.names)
+                else:
+                    continue
+                if own:
+                    text = " ".join(lines[node.lineno - 1:node.end_lineno])
+                    out.append((path.relative_to(ROOT).as_posix(), node.lineno, text.strip()))
+    return out
+
+
+def test_function_level_imports_say_why():
+    """An import of the project's own modules inside a function hides the import graph; one is
+    allowed only where a dependency must stay lazy (torch, triton, plotly, or a fast --help),
+    and then says so in a comment on its line."""
+    unexplained = [f"{f}:{n}: {t}" for f, n, t in _function_level_imports() if "#" not in t]
+    assert unexplained == []
