@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     model = build_model(spec, device="cuda", dtype="bfloat16", seed=0, experts_on_host=True)
     Experts(model)  # pin the host experts once
     print(f"built {spec.name} in {time.perf_counter() - t0:.1f} s; {len(plan)} sequence(s), {decode_tokens} "
-          f"decode tokens; timing {prof.meta['timing'].get('kind')}", flush=True)
+          f"decode tokens; timing {prof.meta.timing.kind}", flush=True)
     configs = configs_for(spec, prof.priors(), args.extra)
     if args.pays:
         configs += [(f"{b} untuned default", b, untuned(spec, b, cfg)) for _, b, cfg in configs[len(SPREAD):]]

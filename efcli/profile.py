@@ -70,8 +70,8 @@ def handle(args: argparse.Namespace) -> int:
     print(f"routing: {s['routing']} - {s['routing_note']}")
     print(f"timing: {s['timing']} on {s['gpu_name'] or s['device']}")
     if s["timing_noisy"]:
-        noise = profile.meta["timing"]["noise"]
-        print(f"  WARNING: timing too noisy to rank configs ({'; '.join(noise['reasons'])}); re-profile "
+        noise = profile.meta.timing.noise
+        print(f"  WARNING: timing too noisy to rank configs ({'; '.join(noise.reasons)}); re-profile "
               "with nothing else running on this machine")
     print(f"  host->device pinned {h['pinned_gbps']:.1f} GB/s (1 GiB copy {h.get('pinned_1gib_gbps', 0):.1f}), "
           f"pageable {h['pageable_gbps']:.1f} GB/s; one expert {h['expert_copy_ms']:.3f} ms")

@@ -26,7 +26,7 @@ from expertflow.fsutil import claim_out_dir
 from . import choice, export, stages, trust
 from .objective import StudyContext, trial_config
 from .records import (AdaptiveTraceCheck, BudgetInfo, ChosenInfo, HardwareInfo, ModelInfo, ParetoPoint, QualityInfo,
-                      Reference, RoutingInfo, StudyInfo, TimingNoise, TrialRecord, TuningRecord,
+                      Reference, RoutingInfo, StudyInfo, TrialRecord, TuningRecord,
                       Validation)
 from .request import Checked, TuneRequest, TuneResult, check, is_output_file
 from .stages import Run
@@ -150,14 +150,14 @@ def _export(run: Run) -> TuneResult:
     record = TuningRecord(
         created_at=now_iso(), tool_version=tool_version(), model=_model_info(chk), budget=_budget_info(chk),
         hardware=HardwareInfo(**{k: run.hw_meta.get(k) for k in HardwareInfo.model_fields}),
-        routing=RoutingInfo(kind=run.prof.routing_kind, note=(run.prof.meta.get("routing") or {}).get("note", "")),
+        routing=RoutingInfo(kind=run.prof.routing_kind, note=run.prof.meta.routing.note),
         profile_dir=("profile" if run.prof_dir.resolve() == (run.out_dir / "profile").resolve()
                      else str(run.prof_dir.resolve())),
         study=_study_info(run), quality=_quality_info(run, measured_quality),
         chosen=ChosenInfo(trial=chosen.number, params=chosen.params, predicted=chosen.metrics,
                           rule=sens.rule if sens else export.RULE),
         sensitivity=sens,
-        timing_noise=TimingNoise(**noise) if (noise := trust.timing_noise(run.prof)) else None,
+        timing_noise=trust.timing_noise(run.prof),
         adaptive_trace=AdaptiveTraceCheck(**trace_check) if trace_check else None,
         references=[Reference(**r) for r in refs],
         pareto=[ParetoPoint(trial=t.number, values=t.values, params=t.params) for t in pareto_front(done)],

@@ -48,14 +48,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
+from pydantic import ValidationError
 
 from expertflow.errors import DataError, OutputError
 from expertflow.fsutil import atomic_path, foreign_entries, read_versioned
 from expertflow.trace import RoutingTrace
 
 from .numeric import piecewise_linear
-
-PROFILE_VERSION = 1
+from .records import PROFILE_VERSION, ProfileMeta, validation_summary
 TABLES = ("activation", "coactivation", "transitions", "reuse", "predictor", "transfer", "kernel",
           "layer", "runtime", "engine")
 OPTIONAL_TABLES = ("engine",)  # measured on a GPU only (the graph engine runs on CUDA)
@@ -84,32 +84,12 @@ def interpolate(table: pd.DataFrame, x_col: str, x: float, y_col: str = "median_
 
 
 @dataclass
-class Profile:
-    meta: dict
-    trace: RoutingTrace
+class TimingTables:
+    """A profile's timing tables and how the simulator reads them (interpolated, the tuner's one
+    rule). A Profile is one; bundled hardware tables without a trace are one too."""
+
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
-    path: Path | None = None
-
-    # ---- identity --------------------------------------------------------------------------
-    @property
-    def profile_id(self) -> str:
-        return str(self.meta["profile_id"])
-
-    @property
-    def routing_kind(self) -> str:
-        return str(self.meta["routing"]["kind"])
-
-    @property
-    def fingerprint(self) -> str:
-        return str(self.meta["model"]["fingerprint"])
-
-    # ---- what the simulator charges ---------------------------------------------------------
-    def priors(self) -> np.ndarray:
-        """Activation frequency [L, E] (rows sum to 1)."""
-        a = self.tables["activation"]
-        out = np.zeros((self.trace.num_layers, self.trace.num_experts))
-        out[a["layer"].to_numpy(int), a["expert"].to_numpy(int)] = a["frequency"].to_numpy(float)
-        return out
+    name: str = "timing tables"  # how messages call it
 
     def copy_ms(self, nbytes: int, concurrency: int = 1, pinned: bool = True) -> float:
         """Host->device time of one copy of `nbytes` (interpolated in bytes)."""
@@ -133,9 +113,43 @@ class Profile:
             if len(row):
                 return float(row["value"].iloc[0])
         if default is None:
-            raise DataError(f"profile {self.profile_id!r} has no runtime calibration {name!r}; "
-                            "re-run ef-profile")
+            raise DataError(f"{self.name} has no runtime calibration {name!r}; re-run ef-profile")
         return default
+
+
+@dataclass
+class Profile(TimingTables):
+    """A profile: what it is of and how it was measured (`meta`, profile.yaml), the routing
+    trace, and the tables (activation statistics and timing)."""
+
+    meta: ProfileMeta | None = None
+    trace: RoutingTrace | None = None
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.meta, ProfileMeta):
+            raise TypeError("Profile.meta must be a tuner.records.ProfileMeta")
+        self.name = f"profile {self.meta.profile_id!r}"
+
+    # ---- identity --------------------------------------------------------------------------
+    @property
+    def profile_id(self) -> str:
+        return self.meta.profile_id
+
+    @property
+    def routing_kind(self) -> str:
+        return self.meta.routing.kind
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta.model.fingerprint
+
+    def priors(self) -> np.ndarray:
+        """Activation frequency [L, E] (rows sum to 1)."""
+        a = self.tables["activation"]
+        out = np.zeros((self.trace.num_layers, self.trace.num_experts))
+        out[a["layer"].to_numpy(int), a["expert"].to_numpy(int)] = a["frequency"].to_numpy(float)
+        return out
 
     # ---- io --------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, *, force: bool = False) -> Path:
@@ -164,7 +178,7 @@ class Profile:
             for name, df in self.tables.items():
                 df.to_parquet(tmp / f"{name}.parquet", index=False)
                 files[name] = f"{name}.parquet"
-            meta = {**self.meta, "version": PROFILE_VERSION, "files": files}
+            meta = self.meta.model_copy(update={"files": files}).model_dump(mode="json")
             (tmp / "profile.yaml").write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
             if foreign:  # --force into a folder of other files: ours one by one, theirs kept
                 with contextlib.suppress(FileNotFoundError):
@@ -193,11 +207,16 @@ class Profile:
         if not meta_file.is_file():
             raise DataError(f"{str(d)!r} is not a profile: no profile.yaml in it (incomplete or "
                             "wrong folder); run ef-profile --out DIR")
-        meta = read_versioned(meta_file, yaml.safe_load, version=PROFILE_VERSION,
-                              source=f"profile file {str(meta_file)!r}", redo="re-run ef-profile",
-                              required=("profile_id", "model", "hardware", "routing", "timing"),
-                              errors=(yaml.YAMLError,))
-        files = meta.get("files") or {}
+        raw = read_versioned(meta_file, yaml.safe_load, version=PROFILE_VERSION,
+                             source=f"profile file {str(meta_file)!r}", redo="re-run ef-profile",
+                             errors=(yaml.YAMLError,))
+        try:
+            meta = ProfileMeta.model_validate(raw)
+        except ValidationError as exc:
+            raise DataError(f"profile file {str(meta_file)!r} is not a profile record "
+                            f"({validation_summary(exc)}); it is truncated or from another tool; "
+                            "re-run ef-profile") from None
+        files = meta.files
         trace = RoutingTrace.load(d / files.get("trace", "trace.npz"))
         tables: dict[str, pd.DataFrame] = {}
         for name in TABLES:
@@ -216,7 +235,7 @@ class Profile:
         for name in ("activation", "transfer", "kernel", "layer"):
             if name not in tables:
                 raise DataError(f"profile {str(d)!r} lacks the {name!r} table; re-run ef-profile")
-        return cls(meta=meta, trace=trace, tables=tables, path=d)
+        return cls(tables=tables, meta=meta, trace=trace, path=d)
 
 
 def is_profile_file(name: str) -> bool:

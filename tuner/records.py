@@ -1,5 +1,8 @@
 """Typed, versioned records for what crosses a stage or a file of the tuner.
 
+    ProfileMeta      profile.yaml: what a profile is of and how it was measured (the profiler
+                     writes it, tuner.profile.Profile carries and saves it, the tuner and the
+                     report read it)
     TrialRecord      one completed trial of the study (tuner.trials.completed_trials), handed
                      to the choice, the Pareto front and tuning.json
     TuningRecord     tuning.json: what ef-tune decided and why (the pipeline writes it, the
@@ -32,10 +35,80 @@ Metrics = dict[str, float | None]
 Params = dict[str, Any]
 
 
+def validation_summary(exc: ValidationError) -> str:
+    """'where: what; N problem(s) in all' for a record that does not validate (the first one)."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{where}: {first['msg']}; {exc.error_count()} problem(s) in all"
+
+
 class Record(BaseModel):
     """Strict: unknown fields are errors; types are checked where the record is built."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TimingNoise(Record):
+    """The profile's verdict on its own timing (tuner.profiler.robust.noise_verdict)."""
+
+    criterion: str
+    threshold_rel_iqr: float
+    noisy: bool
+    reasons: list[str]
+    decode_layer_spread: float | None = None
+    rows_over_threshold: int = 0
+    rows: int = 0
+    max_rel_iqr: float | None = None
+    max_fit_ratio: float | None = None
+    others_cpu_share: float | None = None
+
+
+# ---- profile.yaml -----------------------------------------------------------------------------
+PROFILE_VERSION = 1
+
+
+class ProfileModel(Record):
+    name: str
+    architecture: str
+    fingerprint: str
+    dims: dict[str, Any] = {}  # expertflow.registry.ModelSpec.dims()
+    dtype: str = "bfloat16"  # the dtype the timing was measured in
+    bytes_per_expert: int | None = None
+    has_weights: bool | None = None
+
+
+class ProfileRouting(Record):
+    kind: Literal["real", "synthetic"]
+    tokens: int = 0  # routed tokens in the trace
+    prompts: int = 0
+    source: str = ""  # where the prompts came from
+    tokenizer: str | None = None
+    note: str = ""  # what the routing is, in words (SYNTHETIC ... when it is)
+    synthetic: dict[str, Any] | None = None  # the generator's settings (tuner.synthetic.SyntheticParams)
+    synthetic_targets: str | None = None
+    stats: dict[str, Any] | None = None  # tuner.stats.routing_summary
+
+
+class ProfileTiming(Record):
+    kind: str  # measured-gpu, measured-cpu, bundled:<name>
+    note: str = ""
+    noise: TimingNoise | None = None  # CPU timing's verdict on itself
+
+
+class ProfileMeta(Record):
+    """profile.yaml, version 1 (`files` is what Profile.save wrote beside it)."""
+
+    version: Literal[1] = PROFILE_VERSION
+    profile_id: str
+    created_at: str = ""
+    tool_version: str = ""
+    model: ProfileModel
+    hardware: dict[str, Any]  # NVML / host facts (tuner.profiler.hardware; bundles add bundle_*)
+    routing: ProfileRouting
+    timing: ProfileTiming
+    summary: dict[str, float | None] = {}  # headline numbers (tuner.profiler.timing.timing_summary)
+    timings_s: dict[str, float] = {}
+    files: dict[str, str] = {}
 
 
 # ---- a trial ----------------------------------------------------------------------------------
@@ -161,21 +234,6 @@ class Sensitivity(Record):
     quality_choice: int | None = None  # the band's pick measured over the quality cap
 
 
-class TimingNoise(Record):
-    """The profile's verdict on its own timing (tuner.profiler.robust.noise_verdict)."""
-
-    criterion: str
-    threshold_rel_iqr: float
-    noisy: bool
-    reasons: list[str]
-    decode_layer_spread: float | None = None
-    rows_over_threshold: int = 0
-    rows: int = 0
-    max_rel_iqr: float | None = None
-    max_fit_ratio: float | None = None
-    others_cpu_share: float | None = None
-
-
 class AdaptiveTraceCheck(Record):
     """Exact top-k trace against traces re-recorded under the finalists' adaptive-k (real weights)."""
 
@@ -241,8 +299,5 @@ class TuningRecord(Record):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise DataError(f"{str(f)!r} is not a tuning record ({where}: {first['msg']}; "
-                            f"{exc.error_count()} problem(s) in all): it is truncated or from another "
-                            f"tool; {redo}") from None
+            raise DataError(f"{str(f)!r} is not a tuning record ({validation_summary(exc)}): it is "
+                            f"truncated or from another tool; {redo}") from None

@@ -204,7 +204,7 @@ def check_prompts(prompts) -> None:
 
 def check_profile_model(prof: Profile, spec: ModelSpec, where) -> None:
     if prof.fingerprint != spec.fingerprint:
-        raise ModelError(f"profile {str(where)!r} was made for {prof.meta['model'].get('name')!r} "
+        raise ModelError(f"profile {str(where)!r} was made for {prof.meta.model.name!r} "
                          f"(fingerprint {prof.fingerprint}) not {spec.name!r} ({spec.fingerprint}); "
                          "profile this model or pass its own --profile")
 

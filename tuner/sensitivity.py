@@ -45,7 +45,7 @@ RULE = ("routing is synthetic: among the finalists within the cap, the highest w
 def generator_params(prof):
     """The synthetic generator settings the profile's trace came from (profile.yaml routing, else
     the trace's own meta); None when the profile does not say."""
-    d = (prof.meta.get("routing") or {}).get("synthetic") or (prof.trace.meta or {}).get("synthetic")
+    d = prof.meta.routing.synthetic or (prof.trace.meta or {}).get("synthetic")
     if not d:
         return None
     try:

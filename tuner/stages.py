@@ -60,7 +60,7 @@ class Run:
 
     @property
     def hw_meta(self) -> dict[str, Any]:
-        return dict(self.prof.meta.get("hardware") or {})
+        return dict(self.prof.meta.hardware)
 
     @property
     def gpu_here(self) -> bool:
@@ -87,9 +87,9 @@ def profile(run: Run) -> None:
     if given is not None:
         prof, src = given, Path(given.path) if given.path is not None else target
         run.notes.append(f"profile reused from {src}")
-        if hardware and not str(prof.meta["hardware"].get("source", "")).endswith(hardware) and run.chk.profile:
-            run.notes.append(f"--hardware {hardware} ignored: the given profile has hardware "
-                             f"{prof.meta['hardware'].get('source')}")
+        source = prof.meta.hardware.get("source")
+        if hardware and not str(source or "").endswith(hardware) and run.chk.profile:
+            run.notes.append(f"--hardware {hardware} ignored: the given profile has hardware {source}")
     else:
         prof, src = _new_profile(run, target), target
     check_profile_model(prof, spec, src)
@@ -149,7 +149,7 @@ def base_config(run: Run) -> None:
                           profile_id=prof.profile_id, routing=prof.routing_kind, device="cuda", dtype=DTYPE)
     run.notes.extend(n for n in (trust.timing_note(trust.timing_noise(prof)),
                                  trust.SYNTHETIC_PRIORS_NOTE if base.cache.priors is None else None) if n)
-    gbps = (prof.meta.get("summary") or {}).get("pinned_gbps")
+    gbps = prof.meta.summary.get("pinned_gbps")
     if gbps is None:
         gbps = plan.bytes_per_expert / (costs.copy_ms * 1e6) if costs.copy_ms > 0 else None
     layer_ms = max(costs.host_layer_ms, costs.layer(1))

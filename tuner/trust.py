@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from .records import TimingNoise
 
 SYNTHETIC_PRIORS_NOTE = (
     "routing is synthetic, so the profile's expert frequencies are the generator's, not this "
@@ -22,17 +22,16 @@ SYNTHETIC_PRIORS_NOTE = (
     "simulated that same config")
 
 
-def timing_noise(prof) -> dict[str, Any] | None:
+def timing_noise(prof) -> TimingNoise | None:
     """The profile's timing-noise record (None: not assessed, e.g. bundled GPU tables)."""
-    noise = (prof.meta.get("timing") or {}).get("noise")
-    return dict(noise) if isinstance(noise, dict) else None
+    return prof.meta.timing.noise
 
 
-def timing_note(noise: dict[str, Any] | None) -> str | None:
+def timing_note(noise: TimingNoise | None) -> str | None:
     """The WARNING note when the timing was too noisy to rank configs, else None."""
-    if not noise or not noise.get("noisy"):
+    if noise is None or not noise.noisy:
         return None
-    why = "; ".join(noise.get("reasons") or ["the spread criterion"])
+    why = "; ".join(noise.reasons or ["the spread criterion"])
     return (f"WARNING: timing too noisy to rank configs ({why}; the criterion is in the profile's "
             "profile.yaml, timing.noise): "
             "the predicted speeds, and which config is fastest, may change from run to run; "

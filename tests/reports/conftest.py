@@ -111,21 +111,21 @@ SYNTHETIC_NOTE = ("SYNTHETIC routing: no trained weights, so expert choices come
 
 def _profile(synthetic: bool):
     from tuner.profile import Profile
+    from tuner.records import ProfileMeta, ProfileModel, ProfileRouting, ProfileTiming
 
     trace = _trace()
-    meta = {"profile_id": "tiny-qwen3-moe-h200-20261129T000000Z", "created_at": "2026-11-29T00:00:00Z",
-            "tool_version": "0.1.0",
-            "model": {"name": MODEL, "architecture": "qwen3_moe", "fingerprint": "dims-0061d9ff80270f9d",
-                      "dims": {"num_experts": E, "top_k": K}, "dtype": "bfloat16",
-                      "bytes_per_expert": BYTES_PER_EXPERT},
-            "hardware": {**HARDWARE, "device": "cpu", "host_cpu": "test CPU", "host_memory_bytes": 2**34},
-            "routing": {"kind": "synthetic" if synthetic else "real", "tokens": trace.num_tokens,
-                        "prompts": 4, "source": "fixture",
-                        "note": SYNTHETIC_NOTE if synthetic else "real routing of the model's router",
-                        "synthetic": {"alpha": 0.4} if synthetic else None},
-            "timing": {"kind": "bundled:h200",
-                       "note": "transfer and kernel times of the bundled H200 profile"},
-            "summary": {"pinned_gbps": 52.0, "expert_copy_ms": 0.24}}
+    meta = ProfileMeta(
+        profile_id="tiny-qwen3-moe-h200-20261129T000000Z", created_at="2026-11-29T00:00:00Z",
+        tool_version="0.1.0",
+        model=ProfileModel(name=MODEL, architecture="qwen3_moe", fingerprint="dims-0061d9ff80270f9d",
+                           dims={"num_experts": E, "top_k": K}, dtype="bfloat16", bytes_per_expert=BYTES_PER_EXPERT),
+        hardware={**HARDWARE, "device": "cpu", "host_cpu": "test CPU", "host_memory_bytes": 2**34},
+        routing=ProfileRouting(kind="synthetic" if synthetic else "real", tokens=trace.num_tokens, prompts=4,
+                               source="fixture",
+                               note=SYNTHETIC_NOTE if synthetic else "real routing of the model's router",
+                               synthetic={"alpha": 0.4} if synthetic else None),
+        timing=ProfileTiming(kind="bundled:h200", note="transfer and kernel times of the bundled H200 profile"),
+        summary={"pinned_gbps": 52.0, "expert_copy_ms": 0.24})
     return Profile(meta=meta, trace=trace, tables=_tables(trace))
 
 

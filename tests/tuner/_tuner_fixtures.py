@@ -30,24 +30,24 @@ def make_profile(name: str = "tiny-qwen2-moe", *, routing: str = "synthetic", tr
     """A complete tuner.profile.Profile for `name` (an alias or checkpoint path)."""
     from expertflow.registry import resolve_model
     from tuner.profile import Profile
+    from tuner.records import ProfileMeta, ProfileModel, ProfileRouting, ProfileTiming
     from tuner.stats import routing_tables
 
     spec = resolve_model(name)
     trace = trace if trace is not None else synthetic_trace(spec, **kw)
     tables = {**routing_tables(trace), **timing_tables()}
-    meta = {
-        "profile_id": f"{spec.name.rsplit('/', 1)[-1]}-test-20261129T000000Z",
-        "created_at": "2026-11-29T00:00:00Z", "tool_version": "0.1.0",
-        "model": {"name": spec.name, "architecture": spec.architecture, "fingerprint": spec.fingerprint,
-                  "dims": spec.dims(), "dtype": "bfloat16", "bytes_per_expert": spec.bytes_per_expert()},
-        "hardware": {"device": "cpu", "gpu_name": "NVIDIA H200", "gpu_memory_bytes": 150_754_820_096,
-                     "pcie_generation": 5, "pcie_width": 16, "source": "bundled:h200"},
-        "routing": {"kind": routing, "tokens": trace.num_tokens, "prompts": len(np.unique(trace.seq)),
-                    "source": "test", "note": "SYNTHETIC routing (test fixture)" if routing == "synthetic"
-                    else "real routing", "synthetic": None},
-        "timing": {"kind": "bundled:h200", "note": "test tables"},
-        "summary": {"pinned_gbps": PINNED_GBPS},
-    }
+    meta = ProfileMeta(
+        profile_id=f"{spec.name.rsplit('/', 1)[-1]}-test-20261129T000000Z",
+        created_at="2026-11-29T00:00:00Z", tool_version="0.1.0",
+        model=ProfileModel(name=spec.name, architecture=spec.architecture, fingerprint=spec.fingerprint,
+                           dims=spec.dims(), dtype="bfloat16", bytes_per_expert=spec.bytes_per_expert()),
+        hardware={"device": "cpu", "gpu_name": "NVIDIA H200", "gpu_memory_bytes": 150_754_820_096,
+                  "pcie_generation": 5, "pcie_width": 16, "source": "bundled:h200"},
+        routing=ProfileRouting(kind=routing, tokens=trace.num_tokens, prompts=len(np.unique(trace.seq)),
+                               source="test", note="SYNTHETIC routing (test fixture)" if routing == "synthetic"
+                               else "real routing"),
+        timing=ProfileTiming(kind="bundled:h200", note="test tables"),
+        summary={"pinned_gbps": PINNED_GBPS})
     return Profile(meta=meta, trace=trace, tables=tables)
 
 

@@ -17,7 +17,7 @@ def _ctx(prof):
     from tuner.objective import StudyContext
     from tuner.simulator import Costs
 
-    spec = resolve_model(prof.meta["model"]["name"])
+    spec = resolve_model(prof.meta.model.name)
     plan = plan_memory(spec, "1GB", max_context_tokens=256, prefill_chunk_tokens=64)
     base = default_config(spec, plan, priors=prof.priors()).with_values(
         {"cache.capacity_experts": 2 * spec.num_moe_layers, "prefetch.depth": 0})

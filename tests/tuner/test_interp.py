@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from tuner.numeric import piecewise_linear
-from tuner.profile import Profile, interpolate
+from tuner.profile import TimingTables, interpolate
 from tuner.simulator import Costs
 
 TOKENS = (2, 4, 8)
@@ -25,7 +25,7 @@ def _table(ys) -> pd.DataFrame:
 
 def _callers(ys):
     """y(x) through the profile and through the simulator's costs (GPU share 1: the table as is)."""
-    prof = Profile(meta={}, trace=None, tables={"kernel": _table(ys), "layer": _table(ys)})
+    prof = TimingTables({"kernel": _table(ys), "layer": _table(ys)})
     pairs = tuple(zip(TOKENS, ys))
     costs = Costs(copy_ms=1.0, layer_ms=pairs, kernel_ms=pairs, host_layer_ms=1.0, gpu_share_decode=1.0)
     return {

@@ -64,9 +64,9 @@ def test_pydocs_profile_reproduces_readme_routing(pydocs_profile):
     pred = p.tables["predictor"]
     d1 = pred[pred["lookahead"] == 1].sort_values("layer")["recall"].to_numpy()
     assert d1 == pytest.approx(README_PRED_D1, abs=0.05)
-    assert p.meta["routing"]["stats"]["lru_hit_25"] == pytest.approx(README_LRU25, abs=0.05)
-    assert "trained router" in p.meta["routing"]["note"]
-    assert p.meta["routing"]["tokenizer"] == "tokenizer.json"
+    assert p.meta.routing.stats["lru_hit_25"] == pytest.approx(README_LRU25, abs=0.05)
+    assert "trained router" in p.meta.routing.note
+    assert p.meta.routing.tokenizer == "tokenizer.json"
 
 
 def test_without_prompts_trace_and_quality_use_the_checkpoint_prompts(pydocs_profile):
@@ -76,9 +76,9 @@ def test_without_prompts_trace_and_quality_use_the_checkpoint_prompts(pydocs_pro
     from tuner import quality
 
     p = pydocs_profile
-    spec = resolve_model(p.meta["model"]["name"])
+    spec = resolve_model(p.meta.model.name)
     own = Path(spec.checkpoint) / "prompts.jsonl"
-    assert str(own) in p.meta["routing"]["source"] and "checkpoint's own prompts" in p.meta["routing"]["source"]
+    assert str(own) in p.meta.routing.source and "checkpoint's own prompts" in p.meta.routing.source
     expected = [len(t) for t in tokenize_prompts(spec, load_prompts(own))]
     assert np.bincount(p.trace.seq).tolist() == expected
     ids = quality.prompt_ids(spec, max_tokens=10**6, min_tokens=1)
@@ -95,8 +95,8 @@ def test_profile_and_trace_round_trip(pydocs_profile, tmp_path):
     assert again.trace.meta == p.trace.meta
     for name, df in p.tables.items():
         pd.testing.assert_frame_equal(again.tables[name], df, check_dtype=False)
-    assert again.meta["routing"] == p.meta["routing"]
-    assert again.copy_ms(p.meta["model"]["bytes_per_expert"]) > 0
+    assert again.meta.routing == p.meta.routing
+    assert again.copy_ms(p.meta.model.bytes_per_expert) > 0
 
 
 def test_synthetic_fit_to_pydocs_reproduces_its_skew_and_locality(pydocs_profile):
@@ -127,17 +127,17 @@ def test_tiny_models_end_to_end(name, routing, tmp_path):
         assert set(cols) <= set(back.tables[table].columns), table
         assert len(back.tables[table]), table
     assert back.priors().sum(1) == pytest.approx(np.ones(spec.num_moe_layers))
-    assert back.meta["timing"]["kind"] == "measured-cpu"
-    assert "CPU" in back.meta["timing"]["note"]
-    assert back.meta["hardware"]["device"] == "cpu" and back.meta["hardware"]["source"] == "measured"
+    assert back.meta.timing.kind == "measured-cpu"
+    assert "CPU" in back.meta.timing.note
+    assert back.meta.hardware["device"] == "cpu" and back.meta.hardware["source"] == "measured"
     rt = dict(zip(back.tables["runtime"]["name"], back.tables["runtime"]["value"]))
     assert rt["decode_layer_ms"] > 0 and rt["sync_ms"] > 0 and "pinned_1gib_gbps" in rt
     assert set(back.tables["kernel"]["tokens"]) >= {1, 1024}
-    note = back.meta["routing"]["note"]
+    note = back.meta.routing.note
     if routing == "synthetic":
-        assert note.startswith("SYNTHETIC routing") and back.meta["routing"]["synthetic"]["preset"]
+        assert note.startswith("SYNTHETIC routing") and back.meta.routing.synthetic["preset"]
     else:
-        assert "RANDOM weights" in note and back.meta["routing"]["synthetic"] is None
+        assert "RANDOM weights" in note and back.meta.routing.synthetic is None
     assert prof.profile_id == back.profile_id
 
 
@@ -155,8 +155,8 @@ def test_cli_json_summary(tmp_path, capsys):
         assert key in summary["summary"], key
     back = Profile.load(summary["profile_dir"])
     assert back.profile_id == summary["profile_id"]
-    noise = back.meta["timing"]["noise"]  # a CPU profile records its noise verdict, round-tripped
-    assert summary["timing_noisy"] is noise["noisy"] and "relative IQR" in noise["criterion"]
+    noise = back.meta.timing.noise  # a CPU profile records its noise verdict, round-tripped
+    assert summary["timing_noisy"] is noise.noisy and "relative IQR" in noise.criterion
     assert {"rel_iqr", "raw_median_ms"} <= set(back.tables["kernel"].columns)
 
 
@@ -215,7 +215,7 @@ def test_bundled_hardware(tmp_path, monkeypatch):
     spec = resolve_model("tiny-qwen2-moe")
     src = run_profile(spec, None, device="cpu", quick=True, max_tokens=100, progress=False)
     tables = {t: src.tables[t] for t in ("transfer", "kernel", "layer", "runtime")}
-    hw = {**src.meta["hardware"], "gpu_name": "Test GPU"}
+    hw = {**src.meta.hardware, "gpu_name": "Test GPU"}
     save_bundled("testgpu", "tiny-qwen2-moe", fingerprint=spec.fingerprint, dtype="float32",
                  bytes_per_expert=spec.bytes_per_expert("float32"), hardware=hw,
                  timing={"kind": "measured-cpu", "note": "test"},
@@ -223,8 +223,8 @@ def test_bundled_hardware(tmp_path, monkeypatch):
     assert bundled_hardware_names() == ["testgpu"]
     prof = run_profile("tiny-qwen2-moe", tmp_path / "p1", device="cpu", hardware="testgpu",
                        max_tokens=100, progress=False)
-    assert prof.meta["hardware"]["source"] == "bundled:testgpu"
-    assert prof.meta["timing"]["kind"] == "bundled:testgpu" and "Test GPU" in prof.meta["timing"]["note"]
+    assert prof.meta.hardware["source"] == "bundled:testgpu"
+    assert prof.meta.timing.kind == "bundled:testgpu" and "Test GPU" in prof.meta.timing.note
     for t, df in tables.items():
         pd.testing.assert_frame_equal(prof.tables[t].reset_index(drop=True), df.reset_index(drop=True))
     # a checkpoint with the alias's dims uses the alias's tables
@@ -255,8 +255,8 @@ def test_h200_full_profile_of_qwen2_moe(tmp_path):
     t0 = time.perf_counter()
     prof = run_profile("qwen2-moe", tmp_path / "p", device="cuda", progress=False)
     elapsed = time.perf_counter() - t0
-    s = prof.meta["summary"]
-    assert prof.meta["timing"]["kind"] == "measured-gpu" and prof.meta["hardware"]["gpu_name"]
+    s = prof.meta.summary
+    assert prof.meta.timing.kind == "measured-gpu" and prof.meta.hardware["gpu_name"]
     assert prof.routing_kind == "synthetic"
     assert abs(s["pinned_gbps"] / s["pinned_1gib_gbps"] - 1) < 0.05, s
     assert elapsed < 120, elapsed

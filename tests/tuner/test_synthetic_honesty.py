@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from tuner.records import TuningRecord
+from tuner.records import TimingNoise, TuningRecord
 
 MODEL = "tiny-qwen2-moe"
 
@@ -135,8 +135,8 @@ def test_noisy_timing_is_said_in_the_output_tuning_json_and_report(tmp_path):
     from tuner.profiler.robust import CRITERION
 
     prof = fx.make_profile(MODEL)
-    prof.meta["timing"]["noise"] = {"criterion": CRITERION, "threshold_rel_iqr": 0.25, "noisy": True,
-                                    "reasons": ["the per-layer decode time is uncertain by 80%"]}
+    prof.meta.timing.noise = TimingNoise(criterion=CRITERION, threshold_rel_iqr=0.25, noisy=True,
+                                         reasons=["the per-layer decode time is uncertain by 80%"])
     out, last, err = _tune(tmp_path, prof, trials=3)
     assert "WARNING: timing too noisy to rank configs (the per-layer decode time is uncertain by 80%" in err
     assert last["timing_noisy"] is True

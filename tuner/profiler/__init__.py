@@ -22,6 +22,7 @@ from expertflow.registry import ModelSpec, resolve_model
 
 from .. import stats, synthetic
 from ..profile import Profile, new_profile_id
+from ..records import ProfileMeta, ProfileModel, ProfileRouting, ProfileTiming
 from ..progress import Reporter
 from . import activation
 from .bundled import load_bundled
@@ -146,26 +147,19 @@ def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | N
         summary["predictor_recall_d1"] = routing_stats["predictor_recall"][1]
     label = f"bundled-{hardware}" if hardware else (hw.get("gpu_name") or dev.type)
     timings["total"] = time.perf_counter() - t_start
-    meta = {
-        "version": 1,
-        "profile_id": new_profile_id(spec.name, label),
-        "created_at": now_iso(),
-        "tool_version": tool_version(),
-        "model": {"name": spec.name, "architecture": spec.architecture, "fingerprint": spec.fingerprint,
-                  "dims": spec.dims(), "dtype": timing_dtype, "bytes_per_expert": bpe,
-                  "has_weights": spec.has_weights},
-        "hardware": hw,
-        "routing": {"kind": kind, "tokens": n_tokens, "prompts": len(tokens),
-                    "source": activation.prompt_source(spec, prompts),
-                    "tokenizer": activation.tokenizer_kind(spec),
-                    "note": _routing_note(kind, spec, len(tokens), n_tokens, params, targets),
-                    "synthetic": params.as_dict() if params is not None else None,
-                    "synthetic_targets": targets.source if targets is not None else None,
-                    "stats": routing_stats},
-        "timing": timing,
-        "summary": summary,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-    }
+    meta = ProfileMeta(
+        profile_id=new_profile_id(spec.name, label), created_at=now_iso(), tool_version=tool_version(),
+        model=ProfileModel(name=spec.name, architecture=spec.architecture, fingerprint=spec.fingerprint,
+                           dims=spec.dims(), dtype=timing_dtype, bytes_per_expert=bpe, has_weights=spec.has_weights),
+        hardware=hw,
+        routing=ProfileRouting(kind=kind, tokens=n_tokens, prompts=len(tokens),
+                               source=activation.prompt_source(spec, prompts),
+                               tokenizer=activation.tokenizer_kind(spec),
+                               note=_routing_note(kind, spec, len(tokens), n_tokens, params, targets),
+                               synthetic=params.as_dict() if params is not None else None,
+                               synthetic_targets=targets.source if targets is not None else None,
+                               stats=routing_stats),
+        timing=ProfileTiming(**timing), summary=summary, timings_s={k: round(v, 3) for k, v in timings.items()})
     profile = Profile(meta=meta, trace=trace, tables={**tables, **timing_tables})
     if out is not None:
         profile.save(out, force=force)
@@ -177,10 +171,10 @@ def profile_summary(profile) -> dict:
     """The `--json` object: where, what, and the headline numbers."""
     m = profile.meta
     return {"profile_dir": str(Path(profile.path).resolve()) if profile.path else None,
-            "profile_id": profile.profile_id, "model": m["model"]["name"],
-            "fingerprint": m["model"]["fingerprint"], "device": m["hardware"].get("device"),
-            "gpu_name": m["hardware"].get("gpu_name"), "hardware_source": m["hardware"].get("source"),
-            "routing": m["routing"]["kind"], "routing_note": m["routing"]["note"],
-            "timing": m["timing"]["kind"], "tokens": m["routing"]["tokens"],
-            "timing_noisy": bool((m["timing"].get("noise") or {}).get("noisy")),
-            "summary": m["summary"], "elapsed_s": m["timings_s"]["total"]}
+            "profile_id": profile.profile_id, "model": m.model.name,
+            "fingerprint": m.model.fingerprint, "device": m.hardware.get("device"),
+            "gpu_name": m.hardware.get("gpu_name"), "hardware_source": m.hardware.get("source"),
+            "routing": m.routing.kind, "routing_note": m.routing.note,
+            "timing": m.timing.kind, "tokens": m.routing.tokens,
+            "timing_noisy": bool(m.timing.noise and m.timing.noise.noisy),
+            "summary": m.summary, "elapsed_s": m.timings_s["total"]}
