@@ -79,13 +79,16 @@ def final_choice(ctx: StudyContext, trials: list[TrialRecord], cap: float | None
                  finalists: int = 4, max_decode_tokens: int | None = None,
                  study_name: str = "the study") -> tuple[TrialRecord, list[TrialRecord]]:
     """(chosen, rescored finalists): the best `finalists` trials by the rule on the study's
-    slice, re-simulated on `max_decode_tokens`, then the rule again."""
+    slice and the enqueued baselines (the default config, plain LRU: a choice is never one the
+    longer slice predicts slower than what a user gets without tuning), re-simulated on
+    `max_decode_tokens`, then the rule again."""
     first = ranked(trials, cap)
     if not first:
         choose(trials, cap, study_name=study_name)  # raises with the reason
     if finalists <= 1 or max_decode_tokens == ctx.max_decode_tokens:
         return first[0], first[:1]
-    scored = rescore(ctx, first[:finalists], max_decode_tokens=max_decode_tokens)
+    pool = first[:finalists] + [t for t in first[finalists:] if t.baseline]
+    scored = rescore(ctx, pool, max_decode_tokens=max_decode_tokens)
     best = ranked(scored, cap)
     return (best[0] if best else first[0]), scored
 

@@ -181,3 +181,28 @@ def test_no_feasible_trial_says_what_to_relax():
         export.choose([_t(0, 10.0, 0.0, ok=False, mem=0.5)], 0.01)
     with pytest.raises(ConfigError, match="no completed trial"):
         export.choose([], 0.01)
+
+
+def test_final_choice_rescores_the_baselines_too(tiny_config):
+    """On the longer slice the default config may be faster than every finalist of the short
+    one: the choice must not be a config predicted slower than what a user gets untuned."""
+    from tuner.simulator import SimResult
+
+    speed = {"lfu": 40.0, "expertflow": 38.0, "lru": 45.0}  # on the longer slice
+
+    def sim(trace, costs, config, max_decode_tokens=None, **kw):
+        return SimResult(metrics={"decode_tokens_per_s": speed[config.cache.policy], "quality_loss": 0.0,
+                                  "peak_gpu_bytes": 0.0}, counters=None)
+
+    ctx = StudyContext(None, None, tiny_config(), None, max_decode_tokens=16, simulate_fn=sim)
+
+    def t(n, policy, study_speed, baseline=None):
+        return TrialRecord(number=n, params={"cache.policy": policy}, values=[study_speed, 0.0], constraints={},
+                           metrics={"decode_tokens_per_s": study_speed, "quality_loss": 0.0}, feasible=True,
+                           baseline=baseline)
+
+    trials = [t(0, "lru", 30.0, DEFAULT_BASELINE), t(2, "lfu", 50.0), t(3, "expertflow", 48.0), t(4, "lfu", 47.0)]
+    chosen, scored = export.final_choice(ctx, trials, 0.02, finalists=2, max_decode_tokens=64)
+    assert [s.number for s in scored] == [2, 3, 0]  # the two best, then the baseline
+    assert chosen.number == 0 and chosen.metrics["decode_tokens_per_s"] == 45.0
+    assert chosen.study_metrics["decode_tokens_per_s"] == 30.0
