@@ -13,14 +13,20 @@ import contextlib
 import errno
 import logging
 import re
+import signal
 import sys
 import textwrap
-import signal
 from collections.abc import Callable, Iterator, Sequence
 
 from expertflow.config import tool_version
+from expertflow.errors import (
+    EXIT_CODES,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    ExpertFlowError,
+)
 from expertflow.registry import known_models
-from expertflow.errors import EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ExpertFlowError
 
 #: OS errors that are the user's to fix (a path they gave), not a bug.
 USER_OS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
@@ -40,17 +46,6 @@ def _wrapped(title: str, items: Sequence[str]) -> str:
 def models_epilog() -> str:
     """The registry aliases (torch-free) for --help."""
     return _wrapped("model aliases (--model; or a local Hugging Face checkpoint directory)", known_models())
-
-
-def bundled_hardware_names() -> list[str]:
-    """Bundled hardware profiles (tuner/data/hardware/<name>/), listed without importing pandas."""
-    from importlib import resources
-
-    try:
-        root = resources.files("tuner") / "data" / "hardware"
-        return sorted(d.name for d in root.iterdir() if d.is_dir())
-    except (ModuleNotFoundError, FileNotFoundError):  # pragma: no cover - tuner not installed
-        return []
 
 
 def examples_epilog(examples: Sequence[str]) -> str:

@@ -7,7 +7,18 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from .common import examples_epilog, models_epilog, new_parser, positive_int, run_handler
+from expertflow.errors import ExpertFlowError
+from expertflow.fsutil import claim_out_dir
+from tuner.profile import is_profile_file
+from tuner.profiler import profile_summary, run_profile
+
+from .common import (
+    examples_epilog,
+    models_epilog,
+    new_parser,
+    positive_int,
+    run_handler,
+)
 
 
 def build_profile_parser() -> argparse.ArgumentParser:
@@ -47,12 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def handle(args: argparse.Namespace) -> int:
     """--out is checked first, before any work; a failed run leaves it as it was found."""
-    # the profiler imports torch and transformers: only when it runs
-    from expertflow.errors import ExpertFlowError  # noqa: PLC0415
-    from expertflow.fsutil import claim_out_dir  # noqa: PLC0415
-    from tuner.profile import is_profile_file  # noqa: PLC0415
-    from tuner.profiler import profile_summary, run_profile  # noqa: PLC0415
-
     folder = claim_out_dir(args.out, is_profile_file, force=args.force, what="ef-profile")
     try:
         profile = run_profile(args.model, out=args.out, prompts=args.prompts, device=args.device,

@@ -11,11 +11,18 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
+from expertflow import runner
 from expertflow.budget import format_bytes
 from expertflow.config import config_json_schema
 from expertflow.errors import ConfigError
 
-from .common import examples_epilog, models_epilog, new_parser, positive_int, run_handler
+from .common import (
+    examples_epilog,
+    models_epilog,
+    new_parser,
+    positive_int,
+    run_handler,
+)
 
 _DEVICE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
 
@@ -64,8 +71,6 @@ def handle(args: argparse.Namespace) -> int:
         raise ConfigError("--config is required (the config.yaml ef-tune wrote); or pass --schema")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
-    from expertflow import runner  # noqa: PLC0415 - torch and transformers, only when it runs
-
     prep = runner.prepare(args.config, model=args.model, device=args.device)
     for note in prep.notes:
         print(f"ef-run: {note}", file=sys.stderr)

@@ -15,10 +15,21 @@ from collections.abc import Sequence
 
 from expertflow.config import describe_hardware
 from tuner.coordination import DEFAULT_HEARTBEAT_S, DEFAULT_TRIALS
+from tuner.pipeline import tune
+from tuner.profiler.bundled import bundled_hardware_names
+from tuner.request import Inputs, QualityOptions, StudyOptions, Target, TuneRequest
 from tuner.sensitivity import describe as sensitivity_line
 
-from .common import (bundled_hardware_names, examples_epilog, models_epilog, new_parser, nonnegative_float,
-                     positive_float, positive_int, run_handler, sigterm_as_interrupt)
+from .common import (
+    examples_epilog,
+    models_epilog,
+    new_parser,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+    run_handler,
+    sigterm_as_interrupt,
+)
 
 
 def _hardware_epilog() -> str:
@@ -94,11 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_handler("ef-tune", build_tune_parser(), handle, argv)
 
 
-def request(args: argparse.Namespace):
+def request(args: argparse.Namespace) -> TuneRequest:
     """The TuneRequest the arguments ask for."""
-    # keeps --help fast: tuner.request reads profiles (pandas) and search spaces
-    from tuner.request import Inputs, QualityOptions, StudyOptions, Target, TuneRequest  # noqa: PLC0415
-
     return TuneRequest(
         target=Target(model=args.model, budget=args.budget, hardware=args.hardware, device=args.device,
                       max_context=args.max_context, max_batch=args.max_batch),
@@ -112,9 +120,6 @@ def request(args: argparse.Namespace):
 
 
 def handle(args: argparse.Namespace) -> int:
-    # the tuner imports optuna and pandas (and the profiler torch), the report plotly: only when it runs
-    from tuner.pipeline import tune  # noqa: PLC0415
-
     t0 = time.perf_counter()
     with sigterm_as_interrupt():
         res = tune(request(args))

@@ -21,6 +21,8 @@ from expertflow.registry import ModelSpec, resolve_model
 
 from .coordination import DEFAULT_HEARTBEAT_S, DEFAULT_TRIALS
 from .profile import Profile
+from .profiler.activation import load_prompts
+from .profiler.bundled import bundled_hardware_names, load_bundled
 from .records import TuningRecord
 from .search_space import SearchSpace, load_space, packaged_space
 from .storage import StorageURL, mask_url, sqlite_url, study_summaries
@@ -197,8 +199,6 @@ def check_device(device: str) -> None:
 
 def check_prompts(prompts) -> None:
     """A prompt file that is missing, unreadable or empty fails before profiling (DataError)."""
-    from .profiler.activation import load_prompts  # noqa: PLC0415 - the profiler imports torch
-
     load_prompts(prompts)
 
 
@@ -218,8 +218,6 @@ def load_given_profile(profile, spec: ModelSpec) -> Profile:
 
 def check_hardware(hardware: str, spec: ModelSpec) -> None:
     """--hardware NAME must be a bundled profile with tables for this model (before profiling)."""
-    from .profiler.bundled import bundled_hardware_names, load_bundled  # noqa: PLC0415 - pandas, torch
-
     names = bundled_hardware_names()
     if hardware not in names:
         raise UsageError(f"--hardware {hardware!r} is not a bundled hardware profile; bundled: "
