@@ -27,7 +27,6 @@ MAX_FUNCTION_LINES = 80
 UPWARD_EXCEPTIONS: dict[tuple[str, str], str] = {}
 # Modules over MAX_MODULE_LINES, each with its reason.
 MODULE_EXCEPTIONS = {
-    "expertflow/runtime/offload.py": "the runtime's split belongs to the engine issues",
     "expertflow/core/scheduler.py": "the decision core belongs to the engine issues",
     "expertflow/registry.py": "the model registry's table of aliases (data, not logic)",
     "tuner/profiler/timing.py": "the profiler's measurements; not split yet",

@@ -33,7 +33,8 @@ from torch import nn
 from ..config import RuntimeConfig, load_config
 from ..core import SchedulerParams
 from ..core.engine_cache import DECODE_STEP, PREFILL_STEP, EngineScheduler
-from ..runtime.offload import BACKEND_NAME, attach_target, register_backend
+from ..runtime.backend import (BACKEND_NAME, attach_target, experts_implementation, register_backend,
+                               restore_experts_implementation)
 from ..runtime.store import HostStore, SlotPool
 from . import kernels
 from .fusion import Fusions, fuse_enabled
@@ -91,8 +92,7 @@ class GraphEngine(AbstractContextManager):
 
     def _attach(self, model: nn.Module, config: RuntimeConfig, fuse_on: set[str]) -> None:
         pin = self.cuda and config.runtime.pin_memory
-        self._prev_impl = model.get_experts_implementation() if hasattr(model, "get_experts_implementation") \
-            else {"": model.config._experts_implementation}
+        self._prev_impl = experts_implementation(model)
         self.store = HostStore(self.blocks, pin, self)
         model.to(self.device)
         self.pool = SlotPool(self.store, self.sched.num_slots, self.device)
@@ -391,7 +391,7 @@ class GraphEngine(AbstractContextManager):
         if self.fusions is not None:
             self.fusions.restore()
         if (prev := getattr(self, "_prev_impl", None)) is not None:
-            self.model.set_experts_implementation(prev if len(prev) > 1 else prev.get("") or "grouped_mm")
+            restore_experts_implementation(self.model, prev)
         self.store = self.fusions = self.pool = self.tables = self.kv = None
         self._attached = False
         if self.cuda:

@@ -33,81 +33,15 @@ from torch import nn
 from ..config import RuntimeConfig, load_config
 from ..core import Route, Scheduler, SchedulerParams
 from ..core.counters import Counters
-from ..errors import DeviceError, ModelError
-from ..registry import spec_from_hf_config
 from ..trace import DECODE, PREFILL, RoutingTrace, TraceRecorder
-from .adapters import find_moe_blocks
+from .backend import (BACKEND_NAME, PoolKernels, attach_target, experts_implementation, register_backend,
+                      restore_experts_implementation)
 from .generate import greedy_generate
 from .store import HostStore, SlotPool
 
 log = logging.getLogger(__name__)
 
-BACKEND_NAME = "expertflow"
 TRACE_LOOKAHEAD = 4  # lookahead distances recorded in traces (the simulator's max prefetch depth)
-BATCHED_MM_MAX_PAIRS = 64  # token-expert pairs up to which "auto" uses batched_mm (decode)
-MAX_KERNEL_GROUPS = 1024  # torch grouped_mm's limit on groups
-
-
-def _experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                     top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The "expertflow" experts backend: hands the layer to the handle that owns the module."""
-    tag = getattr(self, "_expertflow", None)
-    if tag is None:
-        raise RuntimeError("experts_implementation 'expertflow' is set on a module ExpertFlow does "
-                           "not manage; attach with expertflow.offload(model, config)")
-    handle, moe_index = tag
-    return handle._layer_forward(moe_index, hidden_states, top_k_index, top_k_weights)
-
-
-def register_backend() -> None:
-    from transformers.integrations.moe import ExpertsInterface
-
-    ExpertsInterface.register(BACKEND_NAME, _experts_forward)
-
-
-def attach_target(model: nn.Module, config: RuntimeConfig, device) -> tuple[list, torch.device]:
-    """(the model's MoE blocks, the device to run on) for attaching `config`: ModelError for a
-    config made for another model, DeviceError for a CUDA device without a GPU."""
-    blocks = find_moe_blocks(model)
-    check_config_matches(model, config)
-    dev = torch.device(device or config.runtime.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"config runtime.device is {config.runtime.device!r} but no CUDA GPU is "
-                          "available; pass device='cpu' or run on a GPU machine")
-    return blocks, dev
-
-
-def check_config_matches(model: nn.Module, config: RuntimeConfig) -> None:
-    """Refuse a config made for another model (by dims fingerprint): ModelError."""
-    spec = spec_from_hf_config(model.config, type(model).__name__)
-    if spec.fingerprint != config.model.fingerprint:
-        d = spec.dims()
-        raise ModelError(
-            f"config was made for {config.model.name!r} ({config.model.architecture}, "
-            f"{config.model.num_moe_layers} MoE layers, {config.model.num_experts} experts, "
-            f"top-{config.model.top_k}, fingerprint {config.model.fingerprint}) but this model is "
-            f"{d['architecture']} with {len(d['moe_layers'])} MoE layers, {d['num_experts']} experts, "
-            f"top-{d['top_k']}, hidden {d['hidden_size']} (fingerprint {spec.fingerprint}); tune a "
-            "config for this model with ef-tune")
-
-
-class _PoolView:
-    """Duck-typed stand-in for an `*Experts` module whose experts are the GPU slots, so that
-    transformers' own kernels (batched_mm / grouped_mm / eager) run over the slot pool."""
-
-    def __init__(self, experts: nn.Module, gate_up: torch.Tensor, down: torch.Tensor):
-        self.gate_up_proj = gate_up
-        self.down_proj = down
-        self.num_experts = gate_up.shape[0]
-        self.config = experts.config
-        self.act_fn = experts.act_fn
-        self._apply_gate = experts._apply_gate  # bound to the real module
-        self.has_gate = True
-        self.has_bias = False
-        self.has_post_expert_norm = getattr(experts, "has_post_expert_norm", False)
-        self.is_transposed = getattr(experts, "is_transposed", False)
-        self.is_concatenated = getattr(experts, "is_concatenated", True)
-        self._is_expert_parallel = False
 
 
 class OffloadHandle(AbstractContextManager):
@@ -162,15 +96,9 @@ class OffloadHandle(AbstractContextManager):
         S = self.sched.num_slots
         self.pool = SlotPool(self.store, S, self.device)
         self.pool_gate_up, self.pool_down = self.pool.gate_up, self.pool.down
-        self.views = [_PoolView(b.experts, self.pool_gate_up, self.pool_down) for b in self.blocks]
         # Predictor: every MoE layer's gate, stacked, to score the next layers' experts.
         self.pred_weight_t = torch.stack([b.router.weight.detach().to(self.device, self.dtype).t()
                                           for b in self.blocks]).contiguous()  # [L, H, E]
-        from transformers.integrations import moe as tmoe
-
-        self._fns = {"batched_mm": tmoe.batched_mm_experts_forward,
-                     "grouped_mm": tmoe.grouped_mm_experts_forward,
-                     "eager": type(self.blocks[0].experts).forward.__wrapped__}
         self._lut_dev = torch.zeros((self.L, self.E), dtype=torch.int64, device=self.device)
         self._lut_dirty: set[int] = set(range(self.L))
         self._need_weights = self.recorder is not None or self.params.threshold < 1.0
@@ -180,9 +108,9 @@ class OffloadHandle(AbstractContextManager):
             self.layer_done = [torch.cuda.Event() for _ in range(self.L)]
             self.slot_user = [-1] * S  # MoE layer whose experts last read the slot
             self.pending: set[int] = set()
-        self._prev_impl = model.get_experts_implementation() if hasattr(model, "get_experts_implementation") \
-            else {"": model.config._experts_implementation}
-        self._kernel_default = self._prev_impl.get("") or "grouped_mm"
+        self._prev_impl = experts_implementation(model)
+        self.kernels = PoolKernels(self.blocks, self.pool, self.device, cfg.runtime.experts_kernel,
+                                   default=self._prev_impl.get("") or "grouped_mm")
         model.set_experts_implementation(BACKEND_NAME)
         self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
                        model.register_forward_hook(self._post_forward)]
@@ -204,10 +132,8 @@ class OffloadHandle(AbstractContextManager):
         for h in self._hooks:
             h.remove()
         self.store.restore()
-        self.model.set_experts_implementation(self._prev_impl if len(self._prev_impl) > 1
-                                              else self._prev_impl.get("") or "grouped_mm")
-        self.pool = self.pool_gate_up = self.pool_down = self._lut_dev = None
-        self.views = []
+        restore_experts_implementation(self.model, self._prev_impl)
+        self.pool = self.pool_gate_up = self.pool_down = self._lut_dev = self.kernels = None
         self._attached = False
         if self.cuda:
             torch.cuda.empty_cache()  # hand the slot pool's memory back
@@ -288,9 +214,9 @@ class OffloadHandle(AbstractContextManager):
             self._issue(wave.loads)
             self._wait(m, wave.slots)
             if self.params.threshold >= 1.0:
-                if self._kernel(T * k)[0] == "batched_mm":
+                if self.kernels.name(T * k) == "batched_mm":
                     # Hot path (decode): expert ids -> slots on the device, no host->device copy.
-                    out = self._fns["batched_mm"](self.views[m], h, self._device_lut(m)[ids], w)
+                    out = self.kernels.batched(m, h, self._device_lut(m)[ids], w)
                     self._release(m, wave.slots)
                     return out
                 w_t = w
@@ -298,7 +224,7 @@ class OffloadHandle(AbstractContextManager):
                 w_t = torch.from_numpy(route.weights).to(self.device, dtype=w.dtype, non_blocking=True)
             lut = np.full(self.E, wave.slots[0], dtype=np.int64)
             lut[wave.experts] = wave.slots
-            out = self._run_kernel(m, h, lut[ids_np], w_t)  # slots [T, k]
+            out = self.kernels.run(m, h, lut[ids_np], w_t)  # slots [T, k]
             self._release(m, wave.slots)
             return out
         buf = h.new_zeros((T * k, h.shape[-1]))  # weighted output per token-expert pair
@@ -315,18 +241,9 @@ class OffloadHandle(AbstractContextManager):
             pairs_t = torch.from_numpy(pairs).to(self.device, non_blocking=True)
             w_t = torch.from_numpy(flat_w[pairs][:, None]).to(self.device, dtype=w.dtype, non_blocking=True)
             x = h.index_select(0, pairs_t // k)  # [P, H]
-            buf.index_copy_(0, pairs_t, self._run_kernel(m, x, lut[flat_ids[pairs]][:, None], w_t))
+            buf.index_copy_(0, pairs_t, self.kernels.run(m, x, lut[flat_ids[pairs]][:, None], w_t))
             self._release(m, wave.slots)
         return buf.view(T, k, -1).sum(dim=1).to(h.dtype)
-
-    def _kernel(self, pairs: int) -> tuple[str, object]:
-        name = self.config.runtime.experts_kernel
-        if name == "auto":
-            if self.cuda:
-                name = "batched_mm" if pairs <= BATCHED_MM_MAX_PAIRS else "grouped_mm"
-            else:
-                name = self._kernel_default if self._kernel_default in self._fns else "grouped_mm"
-        return name, self._fns[name]
 
     def _device_lut(self, m: int) -> torch.Tensor:
         """Layer m's expert -> slot table on the device, refreshed only after loads into m."""
@@ -338,38 +255,12 @@ class OffloadHandle(AbstractContextManager):
 
     def kernel_name(self, pairs: int) -> str:
         """The transformers experts kernel the runtime uses for `pairs` token-expert pairs."""
-        return self._kernel(pairs)[0]
+        return self.kernels.name(pairs)
 
     def run_experts(self, m: int, h: torch.Tensor, slots: np.ndarray, weights: torch.Tensor) -> torch.Tensor:
         """Run MoE layer m's experts kernel over the slot pool (slots [T, k] in place of expert
         ids): the call the runtime makes per wave; the profiler times it."""
-        return self._run_kernel(m, h, slots, weights)
-
-    def _run_kernel(self, m: int, h: torch.Tensor, slots: np.ndarray, w_t: torch.Tensor) -> torch.Tensor:
-        """transformers' experts kernel over the slot pool; slots [T, k] replace expert ids.
-
-        batched_mm gathers by index, so it sees the whole pool. grouped_mm and eager make one
-        group per "expert" (grouped_mm allows at most 1024), so they see the narrowest window of
-        the pool holding the slots used (a per-layer partition is contiguous), or a compact copy
-        of those slots when a pooled cache scatters them wider.
-        """
-        name, fn = self._kernel(slots.size)
-        if name == "batched_mm":
-            view, idx = self.views[m], slots
-        else:
-            lo, hi = int(slots.min()), int(slots.max()) + 1
-            experts = self.blocks[m].experts
-            if hi - lo <= MAX_KERNEL_GROUPS:
-                view = _PoolView(experts, self.pool_gate_up[lo:hi], self.pool_down[lo:hi])
-                idx = slots - lo
-            else:
-                sel = np.unique(slots)
-                sel_t = torch.from_numpy(sel).to(self.device, non_blocking=True)
-                view = _PoolView(experts, self.pool_gate_up.index_select(0, sel_t),
-                                 self.pool_down.index_select(0, sel_t))
-                idx = np.searchsorted(sel, slots)
-        slot_t = torch.from_numpy(np.ascontiguousarray(idx)).to(self.device, non_blocking=True)
-        return fn(view, h, slot_t, w_t)
+        return self.kernels.run(m, h, slots, weights)
 
     def _issue(self, loads) -> None:
         if not loads:

@@ -108,7 +108,7 @@ def test_lean_loop_matches_transformers_generate():
 def test_every_kernel_over_the_slot_pool_is_exact(kernel, max_groups, monkeypatch):
     """grouped_mm/eager see a window of the pool (or a compact copy when the slots are spread
     wider than torch's 1024-group limit, simulated here with a limit of 2)."""
-    import expertflow.runtime.offload as off
+    import expertflow.runtime.backend as off
 
     monkeypatch.setattr(off, "MAX_KERNEL_GROUPS", max_groups)
     spec = resolve_model("tiny-qwen2-moe")
