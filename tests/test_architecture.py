@@ -27,7 +27,6 @@ MAX_FUNCTION_LINES = 80
 UPWARD_EXCEPTIONS: dict[tuple[str, str], str] = {}
 # Modules over MAX_MODULE_LINES, each with its reason.
 MODULE_EXCEPTIONS = {
-    "expertflow/core/scheduler.py": "the decision core belongs to the engine issues",
     "expertflow/registry.py": "the model registry's table of aliases (data, not logic)",
     "tuner/profiler/timing.py": "the profiler's measurements; not split yet",
     "expertflow/engine/engine.py": "GraphEngine: attach (with its undo and allocator cap), the model "

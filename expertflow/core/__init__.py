@@ -7,7 +7,8 @@ from .adaptive_k import apply as apply_adaptive_k
 from .adaptive_k import keep_mask
 from .counters import Counters
 from .policies import EvictionPolicy, ExpertStats, make_policy, policy_names, register_policy
-from .scheduler import LayerPlan, Load, Route, Scheduler, SchedulerParams, Wave, allocate_capacity
+from .plan import LayerPlan, Load, Route, SchedulerParams, Wave, allocate_capacity
+from .scheduler import Scheduler
 
 __all__ = [
     "Counters", "EvictionPolicy", "ExpertStats", "LayerPlan", "Load", "Route", "Scheduler", "SchedulerParams",

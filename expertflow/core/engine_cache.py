@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .scheduler import Scheduler, SchedulerParams
+from .plan import SchedulerParams
+from .scheduler import Scheduler
 
 PREFILL_STEP, DECODE_STEP = 0, 1  # the same codes as expertflow.trace.PREFILL / DECODE
 
