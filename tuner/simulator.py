@@ -124,6 +124,54 @@ class SimResult:
     timeline: dict[str, float] = field(default_factory=dict)
 
 
+class _EagerClocks:
+    """The eager runtime's timeline: the host clock H, the compute stream's G and the copy
+    stream's C (ms), and per GPU slot when its last reader finishes and its last load lands."""
+
+    def __init__(self, costs: Costs, nslots: int):
+        self.c = costs
+        self.H = self.G = self.C = 0.0
+        self.slot_free = [0.0] * nslots
+        self.slot_ready = [0.0] * nslots
+        self.host_pre = costs.host_layer_ms * costs.host_pre_fraction
+        self.host_post = costs.host_layer_ms - self.host_pre
+
+    def step_start(self) -> float:
+        self.H = max(self.H, self.G)
+        return self.H
+
+    def layer_start(self, layer_gpu: float, extra_host: float) -> None:
+        """The host launches the layer's kernels; the router ids reach it (the layer's sync)."""
+        self.H += self.host_pre + extra_host
+        # The GPU runs the kernels as they are launched over host_pre: it ends at the host's last
+        # launch unless it had a backlog (prefill, or a stall) to work off.
+        self.G = max(self.G + layer_gpu, self.H)
+        self.H = max(self.H, self.G) + self.c.sync_ms
+
+    def copy(self, slot: int) -> None:
+        self.H, self.C = _issue_copy(slot, self.H, self.C, self.c.load_issue_ms, self.c.copy_ms,
+                                     self.slot_free, self.slot_ready)
+
+    def wave(self, slots: list[int], kernels_ms: float) -> float:
+        """The wave's experts run once their slots have landed; returns the stall (ms)."""
+        ready = max(self.slot_ready[s] for s in slots)
+        begin = max(self.G, self.H)
+        stall = ready - begin if ready > begin else 0.0
+        self.G = max(ready, begin) + kernels_ms
+        for s in slots:
+            self.slot_free[s] = self.G
+        return stall
+
+    def step_end(self, dense_layers: int, layer_gpu: float) -> None:
+        """The dense (non-MoE) layers and the step's overhead; the next token needs the logits."""
+        self.H += dense_layers * self.c.host_layer_ms + self.c.step_overhead_ms
+        self.G = max(self.G + dense_layers * layer_gpu, self.H - self.c.step_overhead_ms)
+        self.H = max(self.H, self.G)
+
+
+DECODE_KEYS = ("hits", "misses", "activated", "tokens", "prefetch_issued", "prefetch_used", "dropped_mass")
+
+
 def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "decode",
              prompt_tokens: int = 16, max_decode_tokens: int | None = None,
              quality_table: dict[float, float] | None = None) -> SimResult:
@@ -140,128 +188,108 @@ def simulate(trace: RoutingTrace, costs: Costs, config, *, schedule: str = "deco
                                    quality_table)
     params = SchedulerParams.from_config(config)
     sched = Scheduler(params)
-    if params.prefetch_depth > trace.lookahead:
-        params_depth = trace.lookahead
-    else:
-        params_depth = params.prefetch_depth
+    depth = min(params.prefetch_depth, trace.lookahead)
     steps = schedule_steps(trace, config, schedule, prompt_tokens, max_decode_tokens)
-    L = trace.num_layers
-    nslots = sched.num_slots
-    slot_free = [0.0] * nslots  # GPU time the slot's last reader finishes
-    slot_ready = [0.0] * nslots  # time its last load lands
-    H = G = C = 0.0  # host, compute-stream and copy-stream clocks (ms)
-    bpe = config.memory.bytes_per_expert
-    copy_ms = costs.copy_ms
-    issue_ms = costs.load_issue_ms
-    sync_ms = costs.sync_ms
-    host_pre = costs.host_layer_ms * costs.host_pre_fraction
-    host_post = costs.host_layer_ms - host_pre
+    L, E = trace.num_layers, trace.num_experts
+    clocks = _EagerClocks(costs, sched.num_slots)
     dense_layers = max(0, costs.num_decoder_layers - L)
     sched.warm_start_loads()  # before the first token (attach time): costs no step time
-    max_t = max((len(t) for t, _ in steps), default=1)
-    kernel_decode = costs.kernel(1, 1)  # one expert, one token, in a decode step
-    kernel_ms = [costs.kernel(n, max_t) for n in range(max_t + 1)]  # one expert at n tokens (prefill)
-    extra_host = ((costs.predictor_host_ms if params.prefetch_depth > 0 else 0.0)
-                  + (costs.adaptive_host_ms if config.adaptive_k.threshold < 1.0 else 0.0))
-    decode_time = prefill_time = 0.0
-    decode_tokens = prefill_steps = 0
-    decode_stall = 0.0
-    decode_loads = 0
-    keys = ("hits", "misses", "activated", "tokens", "prefetch_issued", "prefetch_used", "dropped_mass")
-    dec = dict.fromkeys(keys, 0.0)
+    kernel_decode, kernel_ms, extra_host = _kernel_costs(costs, params, steps)
+    tally = {"decode_ms": 0.0, "prefill_ms": 0.0, "decode_tokens": 0, "prefill_steps": 0, "stall_ms": 0.0,
+             "loads": 0, **dict.fromkeys(DECODE_KEYS, 0.0)}
     counters = sched.counters
-    stall_ms = counters.stall_ms
     ids_all, w_all, pred_all = trace.ids, trace.weights, trace.pred
-    E = trace.num_experts
     adaptive = params.threshold < 1.0
     if adaptive:  # adaptive-k depends on the weights only: decide every replayed row at once
-        rows = np.concatenate([t for t, _ in steps]) if steps else np.zeros(0, dtype=np.int64)
-        ak_keep, ak_w, ak_dropped = decide(w_all[rows], params.threshold, params.min_k, params.renormalize)
+        ak_keep, ak_w, ak_dropped = _adaptive_rows(params, w_all, steps)
     offset = 0
     for tok, kind in steps:
         T = len(tok)
-        t_start = max(H, G)
-        H = t_start
+        t_start = clocks.step_start()
         layer_gpu = costs.layer(T)
         ids_step, w_step = ids_all[tok], w_all[tok]  # [T, L, k]
-        pred_step = pred_all[tok, :, :params_depth].transpose(1, 2, 0, 3) if params_depth else None  # [L, D, T, k]
+        pred_step = pred_all[tok, :, :depth].transpose(1, 2, 0, 3) if depth else None  # [L, D, T, k]
         before = counters.sums() if kind == DECODE else None
         step_stall = 0.0
         step_loads = 0
         for m in range(L):
-            H += host_pre + extra_host
-            # The GPU runs the layer's kernels as they are launched over host_pre: it ends at the
-            # host's last launch unless it had a backlog (prefill, or a stall) to work off.
-            G = max(G + layer_gpu, H)
-            H = max(H, G) + sync_ms  # the router ids reach the host
+            clocks.layer_start(layer_gpu, extra_host)
             ids_m = ids_step[:, m]
             decided = None
             if adaptive:
                 rs = slice(offset, offset + T)
                 decided = (ak_keep[rs, m], ak_w[rs, m], float(ak_dropped[rs, m].sum()))
             plan = sched.visit(m, ids_m, w_step[:, m], pred_step[m] if pred_step is not None else None, decided)
-            route = plan.route
-            if T == 1:
-                counts = None
-            else:
-                counts = np.bincount(ids_m[route.keep], minlength=E)
-            for wave in route.waves:
+            counts = None if T == 1 else np.bincount(ids_m[plan.route.keep], minlength=E)
+            for wave in plan.route.waves:
                 for ld in wave.loads:
-                    H, C = _issue_copy(ld.slot, H, C, issue_ms, copy_ms, slot_free, slot_ready)
-                    step_loads += 1
-                ready = max(slot_ready[s] for s in wave.slots)
-                begin = max(G, H)
-                if ready > begin:
-                    step_stall += ready - begin
-                    stall_ms[m] += ready - begin
-                    begin = ready
-                if counts is None:
-                    G = begin + kernel_decode * len(wave.experts)
-                else:
-                    G = begin + sum(kernel_ms[counts[e]] for e in wave.experts)
-                for s in wave.slots:
-                    slot_free[s] = G
-            H += host_post
+                    clocks.copy(ld.slot)
+                step_loads += len(wave.loads)
+                run_ms = (kernel_decode * len(wave.experts) if counts is None
+                          else sum(kernel_ms[counts[e]] for e in wave.experts))
+                stall = clocks.wave(wave.slots, run_ms)
+                step_stall += stall
+                counters.stall_ms[m] += stall
+            clocks.H += clocks.host_post
             for ld in plan.prefetches:
-                H, C = _issue_copy(ld.slot, H, C, issue_ms, copy_ms, slot_free, slot_ready)
-                step_loads += 1
+                clocks.copy(ld.slot)
+            step_loads += len(plan.prefetches)
         offset += T
-        H += dense_layers * costs.host_layer_ms + costs.step_overhead_ms
-        G = max(G + dense_layers * layer_gpu, H - costs.step_overhead_ms)
-        H = max(H, G)  # the next token needs this step's logits
-        elapsed = H - t_start
+        clocks.step_end(dense_layers, layer_gpu)
+        elapsed = clocks.H - t_start
         if kind == DECODE:
-            decode_time += elapsed
-            decode_tokens += T
-            decode_stall += step_stall
-            decode_loads += step_loads
+            tally["decode_ms"] += elapsed
+            tally["decode_tokens"] += T
+            tally["stall_ms"] += step_stall
+            tally["loads"] += step_loads
             after = counters.sums()
-            for key in keys:
-                dec[key] += after[key] - before[key]
+            for key in DECODE_KEYS:
+                tally[key] += after[key] - before[key]
         else:
-            prefill_time += elapsed
-            prefill_steps += 1
-    c = counters.totals()
-    lookups = dec["hits"] + dec["misses"]
+            tally["prefill_ms"] += elapsed
+            tally["prefill_steps"] += 1
+    metrics = _eager_metrics(tally, counters.totals(), config, sched.num_slots, quality_table)
+    return SimResult(metrics=metrics, counters=sched.counters,
+                     timeline={"decode_ms": tally["decode_ms"], "prefill_ms": tally["prefill_ms"],
+                               "decode_tokens": float(tally["decode_tokens"])})
+
+
+def _kernel_costs(costs: Costs, params: SchedulerParams, steps) -> tuple[float, list[float], float]:
+    """(one expert at one token in a decode step, one expert at n tokens [n], the host's extra
+    per-layer time for the predictor and adaptive-k) (ms)."""
+    max_t = max((len(t) for t, _ in steps), default=1)
+    extra = ((costs.predictor_host_ms if params.prefetch_depth > 0 else 0.0)
+             + (costs.adaptive_host_ms if params.threshold < 1.0 else 0.0))
+    return costs.kernel(1, 1), [costs.kernel(n, max_t) for n in range(max_t + 1)], extra
+
+
+def _adaptive_rows(params: SchedulerParams, weights: np.ndarray, steps):
+    """adaptive-k's (keep, weights, dropped mass) for every replayed row, in replay order."""
+    rows = np.concatenate([t for t, _ in steps]) if steps else np.zeros(0, dtype=np.int64)
+    return decide(weights[rows], params.threshold, params.min_k, params.renormalize)
+
+
+def _eager_metrics(t: dict, totals: dict, config, nslots: int, quality_table) -> dict[str, float]:
+    """The predicted metrics from the decode steps' tally (`totals`: every step's counters)."""
+    n = t["decode_tokens"]
+    lookups = t["hits"] + t["misses"]
     mem = config.memory
-    peak = mem.non_expert_bytes + mem.kv_cache_bytes + mem.workspace_bytes + nslots * bpe
-    dropped = dec["dropped_mass"] / dec["tokens"] if dec["tokens"] else c["dropped_mass_per_token"]
+    peak = mem.non_expert_bytes + mem.kv_cache_bytes + mem.workspace_bytes + nslots * mem.bytes_per_expert
+    dropped = t["dropped_mass"] / t["tokens"] if t["tokens"] else totals["dropped_mass_per_token"]
     metrics = {
-        "decode_tokens_per_s": decode_tokens / (decode_time / 1000.0) if decode_time > 0 else 0.0,
-        "prefill_ms": prefill_time / prefill_steps if prefill_steps else 0.0,
-        "stall_ms_per_token": decode_stall / decode_tokens if decode_tokens else 0.0,
-        "hit_rate": dec["hits"] / lookups if lookups else c["hit_rate"],
-        "bytes_per_token": decode_loads * bpe / decode_tokens if decode_tokens else 0.0,
+        "decode_tokens_per_s": n / (t["decode_ms"] / 1000.0) if t["decode_ms"] > 0 else 0.0,
+        "prefill_ms": t["prefill_ms"] / t["prefill_steps"] if t["prefill_steps"] else 0.0,
+        "stall_ms_per_token": t["stall_ms"] / n if n else 0.0,
+        "hit_rate": t["hits"] / lookups if lookups else totals["hit_rate"],
+        "bytes_per_token": t["loads"] * mem.bytes_per_expert / n if n else 0.0,
         "peak_gpu_bytes": float(peak),
-        "activated_per_token": dec["activated"] / decode_tokens if decode_tokens else 0.0,
+        "activated_per_token": t["activated"] / n if n else 0.0,
         "dropped_mass_per_token": dropped,
-        "prefetch_precision": dec["prefetch_used"] / dec["prefetch_issued"] if dec["prefetch_issued"] else 0.0,
+        "prefetch_precision": t["prefetch_used"] / t["prefetch_issued"] if t["prefetch_issued"] else 0.0,
     }
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics["quality_loss"] = quality_loss(config.adaptive_k.threshold, dropped, quality_table)
-    return SimResult(metrics=metrics, counters=sched.counters,
-                     timeline={"decode_ms": decode_time, "prefill_ms": prefill_time,
-                               "decode_tokens": float(decode_tokens)})
+    return metrics
 
 
 def _simulate_on_engine(trace, costs, config, schedule, prompt_tokens, max_decode_tokens,
