@@ -97,41 +97,12 @@ def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | N
         bundle = load_bundled(hardware, spec)
     with Reporter(progress) as rep:
         t0 = time.perf_counter()
-        params = targets = None
-        if kind == "real":
-            trace = activation.record_routing(spec, tokens, device=dev, dtype=dt, seed=seed, progress=rep)
-        else:
-            task = rep.task("routing (synthetic)", 1)
-            family = synthetic.family_of(spec.architecture)
-            targets = synthetic.PRESETS[family]
-            params = synthetic.preset_params(family, num_layers=spec.num_moe_layers,
-                                             num_experts=spec.num_experts, top_k=spec.top_k,
-                                             normalize_topk=spec.norm_topk_prob)
-            trace = synthetic.generate(params, activation.token_counts(tokens), seed=seed,
-                                       meta={"fingerprint": spec.fingerprint, "model": spec.name,
-                                             "normalize_topk": spec.norm_topk_prob})
-            task.advance()
+        trace, params, targets = _routing(spec, tokens, kind, dev, dt, seed, rep)
         tables = stats.routing_tables(trace)
         routing_stats = stats.routing_summary(trace)
         timings["routing"] = time.perf_counter() - t0
-
         t0 = time.perf_counter()
-        if bundle is not None:
-            hw, timing_tables = bundle
-            timing_dtype = hw.get("bundle_dtype") or "bfloat16"
-            timing = {"kind": f"bundled:{hardware}",
-                      "note": (f"timing bundled with ExpertFlow, measured on {hw.get('gpu_name')} "
-                               f"({hw.get('bundle_created_at')}), not on this machine: "
-                               f"{hw.get('bundle_timing_note') or ''}").strip()}
-        else:
-            from .hardware import collect_hardware  # noqa: PLC0415 - torch and NVML, only when measuring
-            from .timing import measure_timing  # noqa: PLC0415 - torch, only when measuring
-
-            res = measure_timing(spec, device=dev, dtype=dt, quick=quick, seed=seed, progress=rep)
-            timing_tables, timing, timing_dtype = res.tables, {"kind": res.kind, "note": res.note}, dt
-            if res.noise is not None:
-                timing["noise"] = res.noise
-            hw = collect_hardware(dev)
+        hw, timing_tables, timing, timing_dtype = _timing(spec, hardware, bundle, dev, dt, quick, seed, rep)
         timings["timing"] = time.perf_counter() - t0
 
     from .timing import timing_summary  # noqa: PLC0415 - torch, only when it runs
@@ -165,6 +136,38 @@ def run_profile(model, out: str | Path | None = None, *, prompts: str | Path | N
         profile.save(out, force=force)
         log.info("profile %s written to %s", profile.profile_id, out)
     return profile
+
+
+def _routing(spec, tokens, kind: str, dev, dt: str, seed: int, rep):
+    """(trace, the synthetic generator's params and targets or None): the model's router on the
+    prompts (real), or the calibrated generator at the prompts' lengths (synthetic)."""
+    if kind == "real":
+        return activation.record_routing(spec, tokens, device=dev, dtype=dt, seed=seed, progress=rep), None, None
+    task = rep.task("routing (synthetic)", 1)
+    family = synthetic.family_of(spec.architecture)
+    params = synthetic.preset_params(family, num_layers=spec.num_moe_layers, num_experts=spec.num_experts,
+                                     top_k=spec.top_k, normalize_topk=spec.norm_topk_prob)
+    trace = synthetic.generate(params, activation.token_counts(tokens), seed=seed,
+                               meta={"fingerprint": spec.fingerprint, "model": spec.name,
+                                     "normalize_topk": spec.norm_topk_prob})
+    task.advance()
+    return trace, params, synthetic.PRESETS[family]
+
+
+def _timing(spec, hardware: str | None, bundle, dev, dt: str, quick: bool, seed: int, rep):
+    """(hardware facts, timing tables, profile.yaml's timing block, the dtype timed): the
+    bundle's when `hardware` names one, else measured on `dev`."""
+    if bundle is not None:
+        hw, tables = bundle
+        note = (f"timing bundled with ExpertFlow, measured on {hw.get('gpu_name')} "
+                f"({hw.get('bundle_created_at')}), not on this machine: {hw.get('bundle_timing_note') or ''}")
+        return hw, tables, {"kind": f"bundled:{hardware}", "note": note.strip()}, hw.get("bundle_dtype") or "bfloat16"
+    from .hardware import collect_hardware  # noqa: PLC0415 - torch and NVML, only when measuring
+    from .timing import measure_timing  # noqa: PLC0415 - torch, only when measuring
+
+    res = measure_timing(spec, device=dev, dtype=dt, quick=quick, seed=seed, progress=rep)
+    timing = {"kind": res.kind, "note": res.note, **({"noise": res.noise} if res.noise is not None else {})}
+    return collect_hardware(dev), res.tables, timing, dt
 
 
 def profile_summary(profile) -> dict:
