@@ -10,6 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 import search_spaces
 from expertflow.config import (
     config_field,
@@ -86,8 +88,6 @@ def _parse_param(source: str, key: str, spec: Any) -> Param:
     except KeyError as exc:
         raise _err(source, key, f"not a RuntimeConfig field ({exc.args[0]!r} does not exist)",
                    f"searchable keys: {', '.join(_allowed_keys())}") from None
-    from pydantic import BaseModel
-
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         first = next(iter(ann.model_fields))
         raise _err(source, key, "is a section, not a field", f"its fields, e.g. {key}.{first}")
@@ -119,51 +119,57 @@ def _parse_param(source: str, key: str, spec: Any) -> Param:
             raise _err(source, key, f"{name} is given for type {kind}", "low/high/step/log only for int and float")
     if "choices" in spec and kind != "categorical":
         raise _err(source, key, f"choices given for type {kind}", "choices only for categorical")
-    low = high = step = None
-    log = False
-    choices = None
     if numeric:
-        for name in ("low", "high"):
-            if name not in spec:
-                raise _err(source, key, f"{name} is missing", f"{name}: a number or symbol")
-        low = _parse_bound(source, key, "low", spec["low"])
-        high = _parse_bound(source, key, "high", spec["high"])
-        if kind == "int":
-            for name, v in (("low", low), ("high", high)):
-                if _is_num(v) and not float(v).is_integer():
-                    raise _err(source, key, f"{name} {v!r} is not an integer", "integers for type int")
-        if _is_num(low) and _is_num(high) and low > high:
-            raise _err(source, key, f"low {low} > high {high}", "low <= high")
-        step = spec.get("step")
-        if step is not None and (not _is_num(step) or step <= 0 or
-                                 (kind == "int" and not float(step).is_integer())):
-            raise _err(source, key, f"step {step!r} is not a positive number",
-                       "a positive integer for int, a positive number for float")
-        if kind == "int" and step is not None:
-            step = int(step)
-        log = spec.get("log", False)
-        if not isinstance(log, bool):
-            raise _err(source, key, f"log {log!r} is not a bool", "true or false")
-        if log and step is not None:
-            raise _err(source, key, "log and step are both given", "one of them (Optuna's rule)")
-        if log and _is_num(low) and low <= 0:
-            raise _err(source, key, f"log scale with low {low}", "low > 0 for a log scale")
-        p = Param(key, kind, low, high, step, log)
-        _check_range(source, p, field_range(key))
-        return p
+        return _numeric_param(source, key, kind, spec)
     if kind == "categorical":
-        ch = spec.get("choices")
-        if not isinstance(ch, list) or not ch:
-            raise _err(source, key, f"choices {ch!r} is not a non-empty list", "a list of values")
-        if len({repr(c) for c in ch}) != len(ch):
-            raise _err(source, key, f"choices {ch!r} repeat a value", "distinct values")
-        for c in ch:
-            _check_value_type(source, key, ann, c)
-        choices = tuple(ch)
-        p = Param(key, kind, choices=choices)
-        _check_range(source, p, field_range(key))
-        return p
+        return _categorical_param(source, key, ann, spec)
     return Param(key, "bool")
+
+
+def _numeric_param(source: str, key: str, kind: str, spec: dict) -> Param:
+    """An int or float parameter: bounds (numbers or symbols), step or log scale, in the field's range."""
+    for name in ("low", "high"):
+        if name not in spec:
+            raise _err(source, key, f"{name} is missing", f"{name}: a number or symbol")
+    low = _parse_bound(source, key, "low", spec["low"])
+    high = _parse_bound(source, key, "high", spec["high"])
+    if kind == "int":
+        for name, v in (("low", low), ("high", high)):
+            if _is_num(v) and not float(v).is_integer():
+                raise _err(source, key, f"{name} {v!r} is not an integer", "integers for type int")
+    if _is_num(low) and _is_num(high) and low > high:
+        raise _err(source, key, f"low {low} > high {high}", "low <= high")
+    step = spec.get("step")
+    if step is not None and (not _is_num(step) or step <= 0 or
+                             (kind == "int" and not float(step).is_integer())):
+        raise _err(source, key, f"step {step!r} is not a positive number",
+                   "a positive integer for int, a positive number for float")
+    if kind == "int" and step is not None:
+        step = int(step)
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise _err(source, key, f"log {log!r} is not a bool", "true or false")
+    if log and step is not None:
+        raise _err(source, key, "log and step are both given", "one of them (Optuna's rule)")
+    if log and _is_num(low) and low <= 0:
+        raise _err(source, key, f"log scale with low {low}", "low > 0 for a log scale")
+    p = Param(key, kind, low, high, step, log)
+    _check_range(source, p, field_range(key))
+    return p
+
+
+def _categorical_param(source: str, key: str, ann: Any, spec: dict) -> Param:
+    """A categorical parameter: distinct choices, each a value the field takes."""
+    ch = spec.get("choices")
+    if not isinstance(ch, list) or not ch:
+        raise _err(source, key, f"choices {ch!r} is not a non-empty list", "a list of values")
+    if len({repr(c) for c in ch}) != len(ch):
+        raise _err(source, key, f"choices {ch!r} repeat a value", "distinct values")
+    for c in ch:
+        _check_value_type(source, key, ann, c)
+    p = Param(key, "categorical", choices=tuple(ch))
+    _check_range(source, p, field_range(key))
+    return p
 
 
 def _parse_when(source: str, key: str, when: Any, params: dict[str, Param]) -> tuple:
