@@ -11,7 +11,6 @@ relative perplexity increase against full top-k) and prints both, with the cap.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +30,7 @@ def main(argv=None) -> int:
     from expertflow.registry import resolve_model
     from efcli.tune import main as tune_main
     from tuner.quality import measure_quality, prompt_ids
+    from tuner.records import TuningRecord
 
     ck = Path(args.checkpoint)
     lines = [x for x in (ck / "prompts.jsonl").read_text().splitlines() if x.strip()]
@@ -45,8 +45,7 @@ def main(argv=None) -> int:
         return rc
     cfg = yaml.safe_load((work / "out" / "config.yaml").read_text())
     ak = cfg["adaptive_k"]
-    tuning = json.loads((work / "out" / "tuning.json").read_text())
-    predicted = (tuning.get("chosen") or {}).get("predicted", {}).get("quality_loss")
+    predicted = TuningRecord.load(work / "out").chosen.predicted.get("quality_loss")
     spec = resolve_model(str(ck))
     ids = prompt_ids(spec, str(work / "heldout.jsonl"))
     t = measure_quality(spec, [float(ak["threshold"])], prompts=ids, renormalize=bool(ak["renormalize"]),
