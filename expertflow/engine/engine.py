@@ -39,7 +39,7 @@ from ..runtime.store import HostStore, SlotPool
 from . import kernels
 from .fusion import Fusions, fuse_enabled
 from .graphs import StepGraphs, kv_bucket
-from .memory_cap import AllocatorCap, over_budget
+from .memory_cap import AllocatorCap, budget_errors, over_budget
 from .static_cache import StaticKV
 from .support import GenerationOutput, check_context, check_supported, device_adaptive_k, experts_torch
 from .tables import DeviceTables
@@ -266,7 +266,7 @@ class GraphEngine(AbstractContextManager):
         """Greedy decoding of `max_new_tokens` tokens for a batch of equal-length prompts."""
         self._running = True
         try:
-            with self.fusions.active():
+            with self.fusions.active(), budget_errors(self._cap, self.config, self.sched.num_slots, self.device):
                 return self._generate(input_ids, max_new_tokens, keep_logits, prefill_chunk)
         finally:
             self._running = False
@@ -345,7 +345,7 @@ class GraphEngine(AbstractContextManager):
             self._drain()
             self._running = True
             try:
-                with torch.no_grad():
+                with torch.no_grad(), budget_errors(self._cap, self.config, self.sched.num_slots, self.device):
                     self.graphs.capture_all(self, max_tokens)
             finally:
                 self._running = False

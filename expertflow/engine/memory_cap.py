@@ -13,6 +13,9 @@ fraction the process had before the first one is restored when the last one deta
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from ..errors import BudgetError
@@ -58,3 +61,15 @@ def over_budget(config, slots: int, device, exc: BaseException) -> BudgetError:
     return BudgetError(f"the graph engine does not fit the memory budget {m.budget_text} ({m.budget_bytes / 1e9:.2f} "
                        f"GB, {slots} expert slots) on {device}: {str(exc).splitlines()[0]} Use a larger "
                        "budget, fewer slots (cache.capacity_experts), or memory.enforce_budget: false")
+
+
+@contextlib.contextmanager
+def budget_errors(cap: AllocatorCap | None, config, slots: int, device) -> Iterator[None]:
+    """Under the cap, an allocation the budget does not hold is the one-line BudgetError (exit 5)
+    instead of torch's OutOfMemoryError; without a cap, torch's error as it is."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        if cap is None:
+            raise
+        raise over_budget(config, slots, device, exc) from exc

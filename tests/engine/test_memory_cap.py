@@ -62,6 +62,23 @@ def test_a_budget_over_the_card_caps_at_the_card(fake_cuda):
     cap.release()
 
 
+def test_an_allocation_over_the_capped_budget_is_a_budget_error(tiny_config):
+    from expertflow.errors import BudgetError
+
+    cfg = tiny_config("tiny-qwen2-moe")
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore lines")
+    cap = object()  # any held cap
+    with pytest.raises(BudgetError) as info:
+        with memory_cap.budget_errors(cap, cfg, 12, torch.device("cuda", 0)):
+            raise oom
+    msg = str(info.value)
+    assert "\n" not in msg and cfg.memory.budget_text in msg and "12 expert slots" in msg
+    assert "Tried to allocate 2.00 GiB" in msg and "memory.enforce_budget: false" in msg
+    with pytest.raises(torch.OutOfMemoryError):  # without a cap: torch's own error
+        with memory_cap.budget_errors(None, cfg, 12, torch.device("cuda", 0)):
+            raise oom
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_engine_within_budget_and_a_budget_too_small_is_a_budget_error():
