@@ -63,8 +63,9 @@ log = logging.getLogger(__name__)
 
 
 # ---- the chosen config in words ---------------------------------------------------------------
-def describe_config(config: dict | None) -> list[str]:
-    """The chosen RuntimeConfig (parsed config.yaml) in plain sentences."""
+def describe_config(config: dict | None, executor: str | None = None) -> list[str]:
+    """The chosen RuntimeConfig (parsed config.yaml) in plain sentences, for the executor it
+    runs on (tuning.json's `executor`: "graph" or "eager"; None = as the config says)."""
     if not config:
         return []
     m, c = config.get("model") or {}, config.get("cache") or {}
@@ -80,11 +81,20 @@ def describe_config(config: dict | None) -> list[str]:
     else:
         split = (f"per layer, {c.get('allocation', 'uniform')} split "
                  f"(~{cap / max(1, int(m.get('num_moe_layers', 1))):.1f} slots per layer)")
+    warm = ("; warm start from the profile's hottest experts." if c.get("warm_start") and c.get("priors")
+            else "; the cache starts empty and fills as experts are used (no profiled priors).")
     out = [f"Keep {cap:,} of {total:,} routed experts on the GPU{share}: {split}; evict by "
-           f"{str(c.get('policy', 'lru')).upper()}"
-           + ("; warm start from the profile's hottest experts." if c.get("warm_start") else ".")]
+           f"{str(c.get('policy', 'lru')).upper()}" + warm]
+    engine = executor or ("graph" if rt.get("engine", "auto") == "graph" or (
+        rt.get("engine", "auto") == "auto" and str(rt.get("device", "cuda")).startswith("cuda")) else "eager")
     depth = int(p.get("depth", 0))
-    if depth == 0:
+    if engine == "graph":
+        slots = int(c.get("read_through_slots", 1))
+        out.append("Misses are read from pinned host memory inside the captured decode step (zero-copy); "
+                   + (f"{slots} read-through slot{'s' if slots > 1 else ''} per layer and step parity admit "
+                      "them as they are read (no second copy)." if slots else
+                      "none is admitted (bypass): every slot keeps serving hits."))
+    elif depth == 0:
         out.append("Prefetch off: every miss waits for its copy.")
     else:
         width = int(p.get("width", 0)) or m.get("top_k")
@@ -104,9 +114,10 @@ def describe_config(config: dict | None) -> list[str]:
                    f"expert cache {format_bytes(mem.get('expert_cache_bytes', 0))}, KV cache for "
                    f"{mem.get('max_context_tokens')} tokens × batch {mem.get('max_batch')}.")
     if rt:
-        out.append(f"Runs in {rt.get('dtype')} on {rt.get('device')}, "
-                   f"{'pinned' if rt.get('pin_memory') else 'pageable'} host memory, experts "
-                   f"kernel {rt.get('experts_kernel', 'auto')}.")
+        how = ("the graph engine (each decode step one CUDA graph replay)" if engine == "graph" else
+               f"the eager runtime, experts kernel {rt.get('experts_kernel', 'auto')}")
+        out.append(f"Runs in {rt.get('dtype')} on {rt.get('device')} with {how}, "
+                   f"{'pinned' if rt.get('pin_memory') else 'pageable'} host memory.")
     return out
 
 
@@ -240,7 +251,8 @@ def config_data(rec: TuningRecord, config_text: str | None, out_dir: str | os.Pa
     if not cmd:
         where = Path(out_dir).resolve() / "config.yaml" if out_dir is not None else Path("config.yaml")
         cmd = f"ef-run --config {where}"
-    return {"yaml": config_text, "description": describe_config(parsed if isinstance(parsed, dict) else None),
+    return {"yaml": config_text,
+            "description": describe_config(parsed if isinstance(parsed, dict) else None, rec.executor),
             "run_command": cmd, "config": parsed if isinstance(parsed, dict) else None}
 
 

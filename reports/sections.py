@@ -93,7 +93,7 @@ def summary(run: OutputFolder, cfg: dict) -> str:
         body.append(f'<tr class="{esc(cls)}"><td>{esc(r["name"])}</td>{cells}</tr>')
     table = (f'<div class="tablewrap"><table class="summary"><thead>{header}</thead>'
              f'<tbody>{"".join(body)}</tbody></table></div>')
-    desc = data.describe_config(cfg)
+    desc = data.describe_config(cfg, t.executor)
     words = ("<h3>The chosen config in plain words</h3><ul>" + "".join(f"<li>{esc(x)}</li>" for x in desc)
              + "</ul>") if desc else _missing("config.yaml is missing, so the chosen config cannot be "
                                               "described; see the parameters in tuning.json.")

@@ -69,12 +69,20 @@ def tuning_gain_data(rec: TuningRecord) -> dict | None:
     stall_text = None
     lru_stall = _num(lru_pred.get("stall_ms_per_token"))
     if nothing and lru_stall is not None and lru_stall > 0:
-        token_ms = 1000.0 / lru_speed
-        stall_text = (f"Plain LRU still waits {lru_stall:.2f} ms per token for expert copies, but a token "
-                      f"takes {token_ms:.1f} ms, almost all of it host time (Python, kernel launches), "
-                      "so the copy stall is hidden behind host time: removing it does not change the speed.")
+        stall_text = _stall_text(rec.executor, lru_stall, 1000.0 / lru_speed)
     return {"ratio": ratio, "chosen_speed": speed, "lru_speed": lru_speed, "buys_nothing": nothing,
             "text": text, "stall_text": stall_text}
+
+
+def _stall_text(executor: str | None, stall_ms: float, token_ms: float) -> str:
+    """Why plain LRU's remaining miss time does not make tuning pay, for the executor it runs on."""
+    if executor == "graph":
+        return (f"Plain LRU spends {stall_ms:.2f} ms of each {token_ms:.1f} ms token reading missed experts "
+                "from host memory over PCIe (inside the captured step); no searched config reads less "
+                "at this budget on this routing.")
+    return (f"Plain LRU still waits {stall_ms:.2f} ms per token for expert copies, but a token "
+            f"takes {token_ms:.1f} ms, almost all of it host time (Python, kernel launches), "
+            "so the copy stall is hidden behind host time: removing it does not change the speed.")
 
 
 def _budget_check(rec: TuningRecord) -> list[dict]:

@@ -151,6 +151,7 @@ def _export(run: Run) -> TuneResult:
         created_at=now_iso(), tool_version=tool_version(), model=_model_info(chk), budget=_budget_info(chk),
         hardware=HardwareInfo(**{k: run.hw_meta.get(k) for k in HardwareInfo.model_fields}),
         routing=RoutingInfo(kind=run.prof.routing_kind, note=run.prof.meta.routing.note),
+        executor=stages.executor(run.costs, run.base),
         profile_dir=("profile" if run.prof_dir.resolve() == (run.out_dir / "profile").resolve()
                      else str(run.prof_dir.resolve())),
         study=_study_info(run), quality=_quality_info(run, measured_quality),

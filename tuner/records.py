@@ -252,6 +252,9 @@ class TuningRecord(Record):
     budget: BudgetInfo
     hardware: HardwareInfo
     routing: RoutingInfo
+    # what the config runs on, as the study simulated it: the graph engine (CUDA with the
+    # engine's timing in the profile) or the eager runtime; None in files written before
+    executor: Literal["graph", "eager"] | None = None
     profile_dir: str  # "profile" (inside the output folder) or an absolute path
     study: StudyInfo
     quality: QualityInfo

@@ -166,11 +166,16 @@ def symbols(run: Run) -> dict[str, int]:
             "lookahead": run.prof.trace.lookahead}
 
 
+def executor(costs, base) -> str:
+    """What the config runs on as the simulator models it: "graph" (runtime.engine resolves to
+    the graph engine and the profile has its timing), else "eager"."""
+    return "graph" if costs.engine is not None and resolved_engine(base) == "graph" else "eager"
+
+
 def engine_space(space, costs, base):
-    """The space for the executor the config will run on: the graph engine (a GPU profile with
-    the engine measured and runtime.engine resolving to graph) has no prefetch; the eager
-    runtime has no read-through admission."""
-    if costs.engine is not None and resolved_engine(base) == "graph":
+    """The space for the executor the config will run on: the graph engine has no prefetch; the
+    eager runtime has no read-through admission."""
+    if executor(costs, base) == "graph":
         return space.without(("prefetch.depth", "prefetch.adaptive", "prefetch.width"),
                              "the graph engine has no prefetch (misses are read zero-copy in the step)")
     return space.without(("cache.read_through_slots",), "read-through admission is the graph engine's; "
@@ -232,6 +237,7 @@ def references(ctx: StudyContext, spec, plan, costs, baselines, *, decode_tokens
     # every expert resident from the first token (uniform priors fill every slot at attach: this
     # reference is the all-on-GPU model, not a cold cache that happens to be big enough)
     allv = {"cache.capacity_experts": total, "cache.scope": "per_layer", "prefetch.depth": 0,
+            "cache.read_through_slots": 0,  # nothing to admit: no slot held back for staging
             "adaptive_k.threshold": 1.0, "cache.warm_start": True,
             "cache.priors": [[1.0] * spec.num_experts for _ in range(spec.num_moe_layers)]}
     m, cons = evaluate(ctx, allv, max_decode_tokens=decode_tokens)

@@ -238,7 +238,7 @@ def build_output_folder(root: Path, *, validated: bool = True, quality_table: bo
                         num_moe_layers=L, num_experts=E, top_k=K, bytes_per_expert=BYTES_PER_EXPERT),
         budget=BudgetInfo(text="300MB", bytes=BUDGET_BYTES, plan=plan.as_dict(),
                           terms=[(k, int(v)) for k, v in plan.terms()]),
-        hardware=HardwareInfo(**HARDWARE),
+        hardware=HardwareInfo(**HARDWARE), executor="eager",  # the study searched prefetch
         routing=RoutingInfo(kind="synthetic" if synthetic else "real",
                             note=SYNTHETIC_NOTE if synthetic else "real routing recorded from the router"),
         profile_dir="profile",

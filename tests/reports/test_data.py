@@ -78,16 +78,47 @@ def test_verdict_warns_when_a_reference_is_faster(tuning):
 
 def test_describe_config_in_plain_words(loaded):
     cfg = data.config_data(loaded["tuning"], loaded["config_text"])["config"]
-    words = " ".join(data.describe_config(cfg))
+    assert loaded["tuning"].executor == "eager"  # the fixture's study searched prefetch
+    words = " ".join(data.describe_config(cfg, "eager"))
     cap = cfg["cache"]["capacity_experts"]
     assert f"Keep {cap} of 64 routed experts" in words
     assert f"Prefetch {cfg['prefetch']['depth']} layer" in words
     assert f"{cfg['adaptive_k']['threshold']:.0%} of the gate mass" in words
     off = copy.deepcopy(cfg)
     off["prefetch"]["depth"], off["adaptive_k"]["threshold"] = 0, 1.0
-    words = " ".join(data.describe_config(off))
+    words = " ".join(data.describe_config(off, "eager"))
     assert "Prefetch off" in words and "Exact top-4 routing" in words
     assert data.describe_config(None) == []
+
+
+def test_describe_config_says_what_the_graph_engine_does(loaded):
+    """On the graph engine there is no prefetch: misses are read zero-copy and admitted through
+    read-through slots (or not at all); without priors the cache starts empty."""
+    cfg = data.config_data(loaded["tuning"], loaded["config_text"])["config"]
+    cfg = copy.deepcopy(cfg)
+    cfg["cache"]["read_through_slots"], cfg["cache"]["priors"] = 2, None
+    words = " ".join(data.describe_config(cfg, "graph"))
+    assert "Prefetch" not in words and "zero-copy" in words and "2 read-through slots" in words
+    assert "starts empty" in words and "warm start" not in words and "graph engine" in words
+    cfg["cache"]["read_through_slots"] = 0
+    assert "bypass" in " ".join(data.describe_config(cfg, "graph"))
+    assert "Prefetch" in " ".join(data.describe_config(cfg, "eager"))
+    # no executor recorded (older tuning.json): the config's own runtime.engine and device decide
+    cfg["runtime"].update(engine="auto", device="cuda")
+    assert "zero-copy" in " ".join(data.describe_config(cfg))
+    cfg["runtime"]["device"] = "cpu"
+    assert "zero-copy" not in " ".join(data.describe_config(cfg))
+
+
+def test_buys_nothing_explains_the_remaining_miss_time_for_its_executor(tuning):
+    lru = tuning.reference(data.LRU_REFERENCE)
+    tuning.chosen.predicted.update(decode_tokens_per_s=lru.predicted["decode_tokens_per_s"])
+    lru.predicted["stall_ms_per_token"] = 1.5
+    tuning.executor = "graph"
+    text = data.tuning_gain_data(tuning)["stall_text"]
+    assert "1.50 ms" in text and "over PCIe" in text and "host time" not in text
+    tuning.executor = "eager"
+    assert "hidden behind host time" in data.tuning_gain_data(tuning)["stall_text"]
 
 
 def test_environment_says_synthetic_routing_prominently(tuning, loaded):

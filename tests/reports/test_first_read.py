@@ -134,8 +134,10 @@ def test_tuning_that_buys_nothing_is_said_in_words(readme_run, capped_run):
         summary = html.split('<section id="summary">')[1].split("</section>")[0]
         if abs(ratio - 1) <= NOISE_FRACTION:
             assert "Tuning buys nothing" in summary and "ExpertFlow chose" not in summary
-            if lru.predicted["stall_ms_per_token"] > 0:
-                assert "hidden behind host time" in summary
+            if lru.predicted["stall_ms_per_token"] > 0:  # why, in the words of the executor it ran on
+                assert t.executor in ("graph", "eager")
+                assert ("reading missed experts from host memory over PCIe" if t.executor == "graph"
+                        else "hidden behind host time") in summary
         else:
             assert "Tuning buys nothing" not in summary
 
