@@ -174,7 +174,9 @@ def simulate_engine(trace: RoutingTrace, costs: EngineCosts, config, steps, byte
         "misses_per_token": acc["misses"] / n if n else 0.0,
         "admitted_per_token": d["admitted"] / n if n else 0.0,
         "activated_per_token": acc["activated"] / n if n else 0.0,
-        "dropped_mass_per_token": acc["dropped_mass"] / n if n else 0.0,
+        # the mean dropped share of a token's top-k gate mass per MoE layer, as the counters, the
+        # eager timeline and quality.dropped_mass_table define it (the quality cap's unit)
+        "dropped_mass_per_token": acc["dropped_mass"] / (n * trace.num_layers) if n else 0.0,
         "decode_ms": acc["decode_ms"], "decode_tokens": float(n),
     }
 

@@ -23,10 +23,10 @@ EAGER = Costs(copy_ms=2.0, layer_ms=((1, 0.5),), kernel_ms=((1, 0.25),), host_la
 COSTS = dataclasses.replace(EAGER, engine=ENGINE)
 
 
-def config(capacity, *, top_k=1, priors=None, staging=0, threshold=1.0, engine="auto", device="cuda"):
+def config(capacity, *, top_k=1, priors=None, staging=0, threshold=1.0, engine="auto", device="cuda", layers=1):
     return RuntimeConfig.model_validate({
         "model": {"name": "hand", "architecture": "qwen2_moe", "fingerprint": "dims-0123456789abcdef",
-                  "num_moe_layers": 1, "num_experts": 4, "top_k": top_k},
+                  "num_moe_layers": layers, "num_experts": 4, "top_k": top_k},
         "cache": {"capacity_experts": capacity, "policy": "lru", "warm_start": priors is not None,
                   "priors": priors, "read_through_slots": staging},
         "adaptive_k": {"threshold": threshold},
@@ -128,3 +128,21 @@ def test_adaptive_k_rule_costs_its_measured_time_per_layer():
     full = simulate(tr, ruled, config(4, top_k=2, priors=[[1, 1, 1, 1]]), schedule="recorded")
     assert cut.timeline["decode_ms"] == pytest.approx(3 * (0.5 + 0.25))  # one expert fewer, the rule's cost
     assert full.timeline["decode_ms"] == pytest.approx(3 * 0.6)  # no rule without adaptive-k
+
+
+def test_dropped_mass_has_one_unit_on_both_timelines():
+    """The quality cap (and quality.dropped_mass_table) is the mean dropped share of a token's
+    top-k gate mass per MoE layer: both timelines report that, not a sum over the layers."""
+    L, n = 3, 6
+    ids = np.tile(np.array([[0, 1], [2, 3], [1, 2]], np.int64), (n, 1, 1))  # [n, L, 2]
+    w = np.tile(np.array([0.7, 0.3], np.float32), (n, L, 1))  # threshold 0.6 keeps the first
+    kinds = [PREFILL] + [DECODE] * (n - 1)
+    tr = RoutingTrace(ids=ids, weights=w, pred=np.full((n, L, 1, 2), -1, np.int64), seq=np.zeros(n, np.int32),
+                      pos=np.arange(n, dtype=np.int32), steps=np.array([[i, 1, kd] for i, kd in enumerate(kinds)]),
+                      meta={"num_experts": 4})
+    cfg = config(6, top_k=2, threshold=0.6, layers=L)
+    on_engine = simulate(tr, COSTS, cfg, schedule="recorded").metrics
+    eager = simulate(tr, COSTS, cfg.with_values({"runtime.device": "cpu"}), schedule="recorded").metrics
+    assert on_engine["dropped_mass_per_token"] == pytest.approx(0.3)
+    assert eager["dropped_mass_per_token"] == pytest.approx(0.3)
+    assert on_engine["quality_loss"] == pytest.approx(0.3) == eager["quality_loss"]
