@@ -126,6 +126,7 @@ def profile(run: OutputFolder, cfg: dict) -> str:
     kern = data.kernel_data(p)
     pred = data.predictor_data(p)
     depth = ((cfg or {}).get("prefetch") or {}).get("depth")
+    engine = t.executor == "graph"
     parts = ["<section id=\"profile\"><h2>Profile</h2>",
              f'<p>Routing of {esc(p.trace.num_tokens)} tokens ({esc(p.routing_kind)}), profile '
              f'<code>{esc(p.profile_id)}</code>.</p>']
@@ -149,7 +150,9 @@ def profile(run: OutputFolder, cfg: dict) -> str:
         cap = ""
     parts.append(_figure("frequency_distribution", "Activation frequency distribution", freq, cap,
                          "The profile has no activation table."))
-    cap = "<b>What to look for:</b> the copy time of one expert is the price of every cache miss. "
+    cap = ("<b>What to look for:</b> the copy time of one expert is the price of every cache miss"
+           + (" (the graph engine reads a miss from pinned memory inside its step at about this rate, "
+              "and copies misses in prefill). " if engine else ". "))
     if tr and tr.get("expert") and tr["expert"].get("copy_ms"):
         x = tr["expert"]
         cap += (f"Here one expert ({x['mib']:.3g} MiB) takes {x['copy_ms']:.3g} ms pinned "
@@ -161,14 +164,21 @@ def profile(run: OutputFolder, cfg: dict) -> str:
     parts.append(_figure(
         "kernel", "Expert kernel time vs tokens", kern,
         "<b>What to look for:</b> at decode batch sizes an expert's FFN is launch-bound, so its time "
-        "barely grows with tokens. When one expert's copy (above) takes longer than a layer's "
-        f"compute, prefetch can only partly hide it. Timing source: {esc((kern or {}).get('timing_kind'))}.",
+        "barely grows with tokens. "
+        + ("On the graph engine these tables price prefill; a decode step is charged the engine's own "
+           "measurements (the captured step, and its experts kernel with each hit and miss). " if engine else
+           "When one expert's copy (above) takes longer than a layer's compute, prefetch can only partly "
+           "hide it. ")
+        + f"Timing source: {esc((kern or {}).get('timing_kind'))}.",
         "The profile has no kernel table."))
     parts.append(_figure(
         "predictor", "Predictor accuracy vs lookahead", pred,
         "<b>What to look for:</b> the share of needed experts the next-gate predictor guesses "
-        "d layers ahead. Prefetching deeper hides more copy time but fetches more wrong experts"
-        + (f"; the tuner chose depth {esc(depth)}." if depth is not None else "."),
+        "d layers ahead. "
+        + ("The graph engine does not prefetch (its misses are read inside the step), so this is "
+           "what a predictor could add, not what the config uses." if engine else
+           "Prefetching deeper hides more copy time but fetches more wrong experts"
+           + (f"; the tuner chose depth {esc(depth)}." if depth is not None else ".")),
         "The profile has no predictor table (the trace recorded no lookahead), so prefetch accuracy "
         "is not shown."))
     parts.append("</section>")

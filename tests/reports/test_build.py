@@ -120,6 +120,19 @@ def test_bad_folder_is_one_line_data_error(output_folder, tmp_path, capsys, brea
     assert not (d / "report.html").exists()
 
 
+def test_report_speaks_of_the_executor_the_config_runs_on(output_copy, tmp_path):
+    """The fixture's study searched prefetch (eager runtime); the same folder recorded as tuned
+    for the graph engine must not tell the reader about prefetch depth or copies hidden by it."""
+    eager = build_report(output_copy, tmp_path / "eager.html").read_text()
+    assert "the tuner chose depth" in eager and "prefetch can only partly hide it" in eager
+    rec = TuningRecord.load(output_copy)
+    rec.executor = "graph"
+    rec.save(output_copy)
+    graph = build_report(output_copy, tmp_path / "graph.html").read_text()
+    assert "the tuner chose depth" not in graph and "prefetch can only partly hide it" not in graph
+    assert "does not prefetch" in graph and "zero-copy" in graph
+
+
 def test_cli_writes_the_report(output_copy, tmp_path, capsys):
     target = tmp_path / "elsewhere" / "r.html"
     assert report_main([str(output_copy), "--out", str(target)]) == 0
