@@ -69,16 +69,14 @@ def handle(args: argparse.Namespace) -> int:
         return 0
     if not args.config:
         raise ConfigError("--config is required (the config.yaml ef-tune wrote); or pass --schema")
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
-    prep = runner.prepare(args.config, model=args.model, device=args.device)
+    prep = runner.prepare(args.config, model=args.model, device=args.device, max_new_tokens=args.max_new_tokens)
     for note in prep.notes:
         print(f"ef-run: {note}", file=sys.stderr)
     input_ids, decode = runner.tokenize(prep.spec, args.prompt, args.prompt_ids)
     with building(f"building {prep.spec.name} ({_count(prep.host_need.params)} parameters, "
                   f"{format_bytes(prep.host_need.total_bytes)} in host memory) on {prep.device}"):
         _, handle = runner.build(prep, seed=args.seed)
-    out = runner.generate(prep, handle, input_ids, args.max_new_tokens, decode=decode)
+    out = runner.generate(prep, handle, input_ids, decode=decode)
     if args.json:
         print(json.dumps(out))
         return 0

@@ -4,7 +4,7 @@ stall time (efcli/run.py prints it).
 
     prepare(config_path, model=None, device=None) -> Prepared   every check, before any work
     build(prepared, seed) -> (model, handle)                     the model, offloaded
-    generate(prepared, handle, input_ids, max_new_tokens) -> dict  one generation, its summary
+    generate(prepared, handle, input_ids) -> dict                one generation, its summary
 """
 
 from __future__ import annotations
@@ -90,15 +90,19 @@ class Prepared:
     spec: ModelSpec
     device: Any  # torch.device
     host_need: HostNeed  # host memory the build needs (checked against what is available)
+    max_new_tokens: int = 32
     notes: list[str] = field(default_factory=list)  # what the user should know before it runs
 
 
-def prepare(config_path, *, model: str | None = None, device: str | None = None) -> Prepared:
+def prepare(config_path, *, model: str | None = None, device: str | None = None,
+            max_new_tokens: int = 32) -> Prepared:
     """Load the config, resolve its model (or `model`: an alias runs random weights), check they
     match, pick the device (the config's unless `device`), and check host memory; notes say when
     the run will not match the config's predictions."""
     from .runtime.loading import resolve_device  # noqa: PLC0415 - torch, only when a model is built
 
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} must be >= 1")
     config = load_config(config_path)
     spec = resolve_model(model or config.model.name)
     check_model_matches(config, spec)
@@ -113,7 +117,7 @@ def prepare(config_path, *, model: str | None = None, device: str | None = None)
         notes.append(f"warning: config was tuned for {config.hardware.gpu_name!r} but this GPU is "
                      f"{gpu!r}; it runs, but re-tune for best speed")
     need = check_host_memory(spec, dtype=config.runtime.dtype, device=str(dev), pin_memory=config.runtime.pin_memory)
-    return Prepared(config, Path(config_path), spec, dev, need, notes)
+    return Prepared(config, Path(config_path), spec, dev, need, max_new_tokens, notes)
 
 
 def build(prep: Prepared, *, seed: int = 0):
@@ -124,16 +128,14 @@ def build(prep: Prepared, *, seed: int = 0):
     return load_model(str(prep.spec.checkpoint or prep.spec.name), prep.config, device=str(prep.device), seed=seed)
 
 
-def generate(prep: Prepared, handle, input_ids, max_new_tokens: int, *, decode=None) -> dict[str, Any]:
-    """Generate `max_new_tokens` greedily on the attached `handle` (detached afterwards) and
+def generate(prep: Prepared, handle, input_ids, *, decode=None) -> dict[str, Any]:
+    """Generate `prep.max_new_tokens` greedily on the attached `handle` (detached afterwards) and
     return the run's summary (text, tokens/s, hit rate, misses, stall, counters)."""
     from .runtime.loading import engine_kind  # noqa: PLC0415 - torch, only when a model is built
 
-    if max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens {max_new_tokens} must be >= 1")
     with handle:
         handle.reset_stats()
-        res = handle.generate(input_ids, max_new_tokens)
+        res = handle.generate(input_ids, prep.max_new_tokens)
         stats = handle.stats
     new_ids = res.sequences[0, input_ids.shape[1]:].tolist()
     t = stats["total"]
